@@ -1,0 +1,182 @@
+"""Model names, download with checksum, checkpoint loading and image preprocessing.
+
+The OpenAI-compatible entry points `available_models()` and `load()`, re-implemented after
+openai/CLIP's `clip/clip.py` (MIT licence, see LICENSE). `load` rebuilds an eager model from the
+checkpoint's state dict (OpenAI publishes TorchScript archives; we only read the weights out of
+them, which is what openai/CLIP does with jit=False).
+"""
+import hashlib
+import os
+import sys
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from .model import CheckpointError, build_model
+
+_URL = "https://openaipublic.azureedge.net/clip/models"
+# name -> URL; the SHA-256 of the file is the second-to-last path component.
+_MODELS = {
+    "RN50": f"{_URL}/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    "RN101": f"{_URL}/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+    "RN50x4": f"{_URL}/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+    "RN50x16":
+        f"{_URL}/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
+    "RN50x64":
+        f"{_URL}/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+    "ViT-B/32":
+        f"{_URL}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16":
+        f"{_URL}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14":
+        f"{_URL}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": f"{_URL}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"
+                      "/ViT-L-14-336px.pt",
+}
+# Checkpoints that ship inside this package and load without a download.
+_BUILTIN = {"toy": os.path.join(os.path.dirname(__file__), "weights", "toy-vit.pt")}
+
+# CLIP's image normalisation: per-channel mean and std of its pretraining images (RGB).
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DownloadError(RuntimeError):
+    """A checkpoint could not be downloaded or failed its checksum."""
+
+
+def available_models():
+    """Names `load` accepts (besides a checkpoint's file path)."""
+    return list(_MODELS) + list(_BUILTIN)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(url, root):
+    """Stream `url` into `root`, through a temporary file renamed when complete and verified."""
+    os.makedirs(root, exist_ok=True)
+    expected = url.split("/")[-2]
+    target = os.path.join(root, os.path.basename(url))
+    if os.path.isfile(target):
+        if _sha256(target) == expected:
+            return target
+        warnings.warn(f"{target} exists but its SHA-256 does not match; removing it and "
+                      "downloading again")
+        os.remove(target)
+    partial = target + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as source, open(partial, "wb") as out:
+            total = int(source.headers.get("Content-Length") or 0)
+            done = 0
+            for chunk in iter(lambda: source.read(1 << 16), b""):
+                out.write(chunk)
+                done += len(chunk)
+                if total:
+                    print(f"\rdownloading {os.path.basename(url)}: {done / 2**20:.0f}/"
+                          f"{total / 2**20:.0f} MiB", end="", file=sys.stderr, flush=True)
+            print(file=sys.stderr)
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise DownloadError(
+            f"could not download {url} ({e}). Without network access, download that URL by hand "
+            f"(on any machine) and pass the file's path: clip.load('/path/to/"
+            f"{os.path.basename(url)}') or --backbone /path/to/{os.path.basename(url)}") from None
+    if _sha256(partial) != expected:
+        os.remove(partial)
+        raise DownloadError(f"the download of {url} is corrupt: its SHA-256 does not match "
+                            f"{expected}. The bad file was removed; try again.")
+    os.replace(partial, target)  # atomic: a half-written file never has the final name
+    return target
+
+
+def _is_torchscript(path):
+    """OpenAI's .pt files are TorchScript archives: zips whose record holds `constants.pkl`."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("/constants.pkl") for name in z.namelist())
+
+
+def load_state_dict(path):
+    """The CLIP state dict stored in `path`: a TorchScript archive or a plain state dict.
+
+    Plain files are read with weights_only=True: a checkpoint is data and must never run code."""
+    try:
+        if _is_torchscript(path):
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, Exception) as e:
+        raise CheckpointError(
+            f"could not read {path} as a checkpoint ({type(e).__name__}: {str(e)[:200]}). The "
+            "file may be truncated or corrupt: delete it and download it again.") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]  # a {"state_dict": ...} wrapper, as training scripts often save
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors).")
+    return sd
+
+
+def _resolve(name, download_root):
+    if name in _MODELS:
+        root = download_root or os.path.expanduser("~/.cache/clip")
+        return _download(_MODELS[name], root)
+    if name in _BUILTIN:
+        if not os.path.isfile(_BUILTIN[name]):
+            raise CheckpointError(f"the built-in checkpoint {_BUILTIN[name]} is missing; "
+                                  "rebuild it with `python -m toy.pretrain` (see README)")
+        return _BUILTIN[name]
+    if os.path.isfile(name):
+        return name
+    if os.sep in name or name.endswith((".pt", ".pth", ".bin")):
+        raise FileNotFoundError(f"checkpoint file not found: {name}")
+    raise ValueError(f"unknown model {name!r}; available models are {available_models()}, "
+                     "or pass the path of a checkpoint file")
+
+
+def load(name, device=None, download_root=None, fp16=False, jit=False):
+    """Load a CLIP model: a name from `available_models()` or a checkpoint's path.
+
+    Returns (model, preprocess): an eval-mode model on `device` and the PIL -> tensor transform
+    at its input resolution. Weights are fp32; `fp16=True` halves them (GPU only)."""
+    if jit:
+        raise ValueError("jit=True is not supported: this package rebuilds an eager model from "
+                         "the checkpoint's weights (openai/CLIP's jit=False)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(load_state_dict(_resolve(name, download_root))).to(device)
+    if fp16:
+        if device.type == "cpu":
+            raise ValueError("fp16 weights need a GPU; on the CPU use the default fp32")
+        model.half()
+    return model, preprocess(model.visual.input_resolution)
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def preprocess(n_px):
+    """CLIP's test-time transform: RGB, bicubic resize of the short side, centre crop, normalise.
+
+    The RGB conversion comes first (openai/CLIP converts after the crop; for RGB input the two
+    are identical, and converting first resizes palette images in colour, not by nearest index).
+    Grayscale, palette, RGBA and CMYK images all work."""
+    return transforms.Compose([
+        transforms.Lambda(_to_rgb),
+        transforms.Resize(n_px, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(n_px),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
