@@ -6,7 +6,7 @@
 
 Re-implementation of openai/CLIP (MIT licence; see LICENSE).
 """
-from .load import MEAN, STD, DownloadError, available_models, load, load_state_dict, preprocess
+from .loading import MEAN, STD, DownloadError, available_models, load, load_state_dict, preprocess
 from .model import CLIP, CheckpointError, build_model
 from .tokenizer import decode, tokenize
 

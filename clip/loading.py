@@ -115,7 +115,9 @@ def load_state_dict(path):
     Plain files are read with weights_only=True: a checkpoint is data and must never run code."""
     try:
         if _is_torchscript(path):
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # torch.jit is deprecated; the archives remain
+                warnings.simplefilter("ignore", FutureWarning)
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, Exception) as e:
@@ -140,8 +142,9 @@ def _resolve(name, download_root):
         return _BUILTIN[name]
     if os.path.isfile(name):
         return name
-    if os.sep in name or name.endswith((".pt", ".pth", ".bin")):
-        raise FileNotFoundError(f"checkpoint file not found: {name}")
+    if name.endswith((".pt", ".pth", ".bin")) or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"checkpoint file not found: {name} (or pass one of the model "
+                                f"names {available_models()})")
     raise ValueError(f"unknown model {name!r}; available models are {available_models()}, "
                      "or pass the path of a checkpoint file")
 
