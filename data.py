@@ -1,0 +1,416 @@
+"""Datasets, few-shot (小样本) sampling, the base/new class split, transforms and loaders.
+
+Reads the benchmarks in the layout of CoOp's DATASETS.md, so an existing data root works
+unchanged: load("oxford_pets", "~/data") reads ~/data/oxford_pets/split_zhou_OxfordPets.json
+and ~/data/oxford_pets/images/. Quirks live in the DATASETS table. Two extra entries:
+  folder  any folder of class subfolders (root/<class>/<image>); a 50/20/30 split is made once
+          and saved as root/split_folder.json, in the same format as CoOp's split files;
+  toy     the embedded toy world (toy/world.py), read like DTD.
+
+Split JSON format: {"train": [[relative_impath, label, classname], ...], "val": ..., "test": ...}.
+
+Unreadable images: ImageList returns (None, path) for them, _collate drops them and the Loader
+warns once per file and counts them in loader.n_skipped (this works with any num_workers).
+
+Shape legend: B = images in the batch, n_px = the backbone's input resolution.
+"""
+import json
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from clip import MEAN, STD
+
+
+class DataError(Exception):
+    """A dataset is missing or laid out differently from what load() expects."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The table: dataset name -> folder names and quirks (CoOp:datasets/*.py, CoOp:DATASETS.md)
+
+# name: (kind, dataset folder, image folder, split file); "" = the dataset folder itself.
+# kind "split" reads split_zhou_<Name>.json, "fgvc" FGVCAircraft's txt files, "imagenet" the
+# wnid folders of images/train and images/val, "wnids"/"numbered" a test-only ImageNet variant.
+_TABLE = {
+    "imagenet": ("imagenet", "imagenet", "images", ""),
+    "caltech101": ("split", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "oxford_pets": ("split", "oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    # StanfordCars' JSON paths are relative to the dataset folder (cars_train/...).
+    "stanford_cars": ("split", "stanford_cars", "", "split_zhou_StanfordCars.json"),
+    "oxford_flowers": ("split", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+    "food101": ("split", "food-101", "images", "split_zhou_Food101.json"),
+    "fgvc_aircraft": ("fgvc", "fgvc_aircraft", "images", ""),
+    "sun397": ("split", "sun397", "SUN397", "split_zhou_SUN397.json"),
+    "dtd": ("split", "dtd", "images", "split_zhou_DescribableTextures.json"),
+    "eurosat": ("split", "eurosat", "2750", "split_zhou_EuroSAT.json"),
+    "ucf101": ("split", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+    # Test-only ImageNet variants; each folder holds a copy of imagenet/classnames.txt.
+    "imagenetv2": ("numbered", "imagenetv2", "imagenetv2-matched-frequency-format-val", ""),
+    "imagenet_sketch": ("wnids", "imagenet-sketch", "images", ""),
+    "imagenet_a": ("wnids", "imagenet-adversarial", "imagenet-a", ""),
+    "imagenet_r": ("wnids", "imagenet-rendition", "imagenet-r", ""),
+    "folder": ("folder", "", "", "split_folder.json"),
+    "toy": ("toy", "toy", "images", "split_zhou_Toy.json"),  # rendered by toy.world
+}
+PHOTO = "a photo of a {}."
+TEMPLATES = {  # CoOp:trainers/zsclip.py CUSTOM_TEMPLATES; every other dataset uses PHOTO
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+    "dtd": "{} texture.", "eurosat": "a centered satellite photo of {}.",
+    "food101": "a photo of {}, a type of food.", "ucf101": "a photo of a person doing {}."}
+# Class-name quirks. The official JSONs already hold the renamed names (renaming is idempotent);
+# these make a JSON listing raw folder names give the same 100 Caltech / 10 EuroSAT classes.
+QUIRKS = {
+    "caltech101": dict(ignore=("BACKGROUND_Google", "Faces_easy"), rename={
+        "airplanes": "airplane", "Faces": "face", "Leopards": "leopard",
+        "Motorbikes": "motorbike"}),
+    "eurosat": dict(rename={
+        "AnnualCrop": "Annual Crop Land", "Forest": "Forest",
+        "HerbaceousVegetation": "Herbaceous Vegetation Land", "Highway": "Highway or Road",
+        "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+        "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings",
+        "River": "River", "SeaLake": "Sea or Lake"})}
+DATASETS = {name: dict(kind=kind, dir=folder, images=images, split=split,
+                       template=TEMPLATES.get(name, PHOTO), **QUIRKS.get(name, {}))
+            for name, (kind, folder, images, split) in _TABLE.items()}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FOLDER_SPLIT = (0.5, 0.2)  # train/val fractions, rest test (CoOp:datasets/dtd.py)
+FOLDER_SPLIT_SEED = 0      # fixed, so every run seed shares one split, as with CoOp's JSONs
+
+
+@dataclass
+class Dataset:
+    name: str
+    classnames: list[str]          # label order, "_" already replaced by " "
+    train: list[tuple[str, int]]   # (image path, label), few-shot sampled
+    val: list[tuple[str, int]]     # few-shot: min(shots, 4) per class
+    test: list[tuple[str, int]]    # never sampled
+    template: str                  # zero-shot template, e.g. "a photo of a {}."
+    test_only: bool = False  # ImageNet variants: nothing to train on
+    subset: str = "all"      # "all", "base" or "new"
+
+    def __str__(self):
+        return (f"{self.name} ({self.subset}): {len(self.classnames)} classes, "
+                f"train {len(self.train)}, val {len(self.val)}, test {len(self.test)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each returns ({"train"|"val"|"test": [(path, label)]}, {label: classname}).
+# `spec` is the DATASETS entry plus its "name".
+
+LAYOUTS = {  # what each kind expects, for error messages; d = <root>/<dataset folder>
+    "split": "{d}/{images}/... and {d}/{split}", "toy": "{d}/{images}/... and {d}/{split}",
+    "imagenet": "{d}/images/train/<wnid>/*.JPEG, {d}/images/val/<wnid>/*.JPEG, {d}/classnames.txt",
+    "wnids": "{d}/{images}/<wnid>/<image> and {d}/classnames.txt",
+    "numbered": "{d}/{images}/<0..999>/<image> and {d}/classnames.txt",
+    "fgvc": "{d}/images/*.jpg, {d}/variants.txt, {d}/images_variant_{{train,val,test}}.txt",
+    "folder": "<root>/<class name>/<image> (root is the folder itself)"}
+
+
+def _layout(spec):
+    text = LAYOUTS[spec["kind"]].format(d=f"<root>/{spec['dir']}".rstrip("/"), **spec)
+    return text.replace("//", "/")
+
+
+def _need(path, spec, what="", isdir=True):
+    if not (os.path.isdir(path) if isdir else os.path.isfile(path)):
+        raise DataError(f"{spec['name']}: {path} not found. {what}"
+                        f"Expected layout: {_layout(spec)}")
+    return path
+
+
+def _listdir(path, dirs):
+    """Sorted non-hidden subfolders (dirs=True) or image files (dirs=False) of `path`."""
+    return sorted(e.name for e in os.scandir(path) if not e.name.startswith(".") and (
+        e.is_dir() if dirs else e.is_file() and e.name.lower().endswith(IMAGE_EXTS)))
+
+
+def _parse_split(data, image_dir, spec):
+    splits, names = {}, {}
+    rename, ignore = spec.get("rename", {}), spec.get("ignore", ())
+    for key in ("train", "val", "test"):
+        splits[key] = []
+        for relpath, label, cname in data[key]:
+            if relpath.split("/")[0] not in ignore:
+                splits[key].append((os.path.join(image_dir, relpath), int(label)))
+                names.setdefault(int(label), rename.get(cname, cname))
+    return splits, names
+
+
+def _read_split_json(path, image_dir, spec):
+    file = os.path.basename(path)
+    _need(path, spec, f"Download {file} from the link in CoOp's DATASETS.md (github.com/"
+          "KaiyangZhou/CoOp/blob/main/DATASETS.md) and put it there. ", isdir=False)
+    with open(path) as f:
+        return _parse_split(json.load(f), image_dir, spec)
+
+
+def _make_folder_split(root, spec):
+    """Split each class folder 50/20/30 with a seeded shuffle, as CoOp's DTD.read_and_split_data
+    does when a split file is absent, and save it as root/split_folder.json."""
+    classes = _listdir(root, dirs=True)
+    if not classes:
+        raise DataError(f"folder: {root} has no class subfolders. Expected: {_layout(spec)}")
+    rng, data = random.Random(FOLDER_SPLIT_SEED), {"train": [], "val": [], "test": []}
+    for label, cname in enumerate(classes):
+        files = _listdir(os.path.join(root, cname), dirs=False)
+        if not files:
+            raise DataError(f"folder: class folder {os.path.join(root, cname)} has no images "
+                            f"({', '.join(IMAGE_EXTS)}); add some or remove the folder")
+        rng.shuffle(files)
+        # NOTE(simplification): at least one train image per class; CoOp asserts instead.
+        n_train = max(1, round(FOLDER_SPLIT[0] * len(files)))
+        n_val = round(FOLDER_SPLIT[1] * len(files))
+        chunks = files[:n_train], files[n_train:n_train + n_val], files[n_train + n_val:]
+        for key, chunk in zip(("train", "val", "test"), chunks):
+            data[key] += [[f"{cname}/{f}", label, cname] for f in chunk]
+    path = os.path.join(root, spec["split"])
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=4)
+        print(f"wrote split {path}; later runs reuse it")
+    except OSError as e:
+        warnings.warn(f"folder: could not write {path} ({e}); using the split in memory, "
+                      "so it is made again next run")
+    return data
+
+
+def _read_wnid_folders(image_dir, wnids, wnid2name, spec):
+    """Items from <image_dir>/<wnid>/<image>, labelled by the wnid's index in `wnids`."""
+    folders = _listdir(image_dir, dirs=True)
+    if not folders and _listdir(image_dir, dirs=False):
+        raise DataError(f"{spec['name']}: {image_dir} holds images directly, not in class "
+                        "folders. Sort them into one folder per class (for ImageNet val the "
+                        f"usual valprep.sh script does this). Expected layout: {_layout(spec)}")
+    index = {w: i for i, w in enumerate(wnids)}
+    for w in folders:
+        if w not in index or w not in wnid2name:  # a stray folder would shift every label
+            raise DataError(f"{spec['name']}: unexpected folder {os.path.join(image_dir, w)} (not "
+                            f"in classnames.txt or images/train). Expected layout: {_layout(spec)}")
+    items = [(os.path.join(image_dir, w, f), index[w])
+             for w in folders for f in _listdir(os.path.join(image_dir, w), dirs=False)]
+    if not items:
+        raise DataError(f"{spec['name']}: no images under {image_dir}. Expected: {_layout(spec)}")
+    return items
+
+
+def _read_imagenet_like(root, spec):
+    d = _need(os.path.join(root, spec["dir"]), spec)
+    path = _need(os.path.join(d, "classnames.txt"), spec, "It is CoOp's ImageNet classnames.txt "
+                 "(linked in CoOp's DATASETS.md; each variant needs a copy). ", isdir=False)
+    with open(path) as f:  # lines: "<wnid> <class name>", e.g. "n01440764 tench"
+        wnid2name = dict(line.strip().partition(" ")[::2] for line in f if line.strip())
+    imagenet = spec["kind"] == "imagenet"
+    train_dir = _need(os.path.join(d, "images", "train"), spec) if imagenet else None
+    test_dir = _need(os.path.join(d, "images", "val") if imagenet else
+                     os.path.join(d, spec["images"]), spec)
+    if spec["kind"] == "numbered":  # ImageNet-V2: folder "i" is line i of classnames.txt
+        wnids = [str(i) for i in range(len(wnid2name))]
+        wnid2name = dict(zip(wnids, wnid2name.values()))
+    else:  # sorted wnid folders; -A and -R have 200 of them, relabelled 0..199
+        wnids = _listdir(train_dir or test_dir, dirs=True)
+    train = _read_wnid_folders(train_dir, wnids, wnid2name, spec) if train_dir else []
+    test = _read_wnid_folders(test_dir, wnids, wnid2name, spec)
+    # NOTE(official code): ImageNet's val folder is the test set and also serves as val.
+    splits = {"train": train, "val": test if train_dir else [], "test": test}
+    return splits, {i: wnid2name[w] for i, w in enumerate(wnids)}
+
+
+def _read_fgvc(root, spec):
+    d = _need(os.path.join(root, spec["dir"]), spec)
+    with open(_need(os.path.join(d, "variants.txt"), spec, isdir=False)) as f:
+        names = dict(enumerate(line.strip() for line in f if line.strip()))
+    label_of, splits = {c: i for i, c in names.items()}, {}
+    for key in ("train", "val", "test"):
+        path = _need(os.path.join(d, f"images_variant_{key}.txt"), spec, isdir=False)
+        with open(path) as f:  # lines: "<image id> <variant name with spaces>"
+            rows = [line.strip().split(" ", 1) for line in f if line.strip()]
+        bad = [r for r in rows if len(r) < 2 or r[1] not in label_of]
+        if bad:
+            raise DataError(f"fgvc_aircraft: {path} names a variant not in variants.txt: {bad[0]}")
+        splits[key] = [(os.path.join(d, spec["images"], i + ".jpg"), label_of[c]) for i, c in rows]
+    return splits, names
+
+
+def _check_files(splits, spec, source):
+    paths = [p for items in splits.values() for p, _ in items]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{spec['name']}: {len(missing)} of {len(paths)} images listed in {source}"
+                        f" are missing, e.g. {missing[0]}. Is the data root right? Expected "
+                        f"layout: {_layout(spec)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# load(): read, few-shot sample, and the base/new split
+
+def _subset(splits, names, labels):
+    """Keep the items whose label is in `labels` (sorted) and relabel them 0..len(labels)-1."""
+    new = {old: i for i, old in enumerate(labels)}
+    kept = {k: [(p, new[y]) for p, y in items if y in new] for k, items in splits.items()}
+    return kept, [names[old] for old in labels]
+
+
+def _fewshot(items, shots, rng, classnames, what):
+    """K images per class with rng.sample; classes in order of first appearance (Dassl's
+    generate_fewshot_dataset). A class with fewer than K images is used whole, with a warning."""
+    if shots <= 0:
+        return items
+    groups, picked, short = {}, [], []
+    for item in items:
+        groups.setdefault(item[1], []).append(item)
+    for label, group in groups.items():
+        if len(group) < shots:
+            short.append(f"'{classnames[label]}' ({len(group)})")
+        picked += rng.sample(group, shots) if len(group) >= shots else group
+    if short:
+        more = f" and {len(short) - 10} more" if len(short) > 10 else ""
+        warnings.warn(f"{what}: {len(short)} classes have fewer than {shots} images and are used "
+                      f"whole: {', '.join(short[:10])}{more}")
+    return picked
+
+
+def _read(root, spec):
+    """Dispatch on the dataset kind -> (splits, names, template)."""
+    kind, template = spec["kind"], spec["template"]
+    if kind in ("imagenet", "wnids", "numbered"):
+        return (*_read_imagenet_like(root, spec), template)
+    if kind == "fgvc":
+        splits, names = _read_fgvc(root, spec)
+        source = "images_variant_*.txt"
+    elif kind == "folder":
+        source = os.path.join(_need(root, spec), spec["split"])
+        if os.path.isfile(source):
+            print(f"using the saved split {source} (delete it to split the folder again)")
+            splits, names = _read_split_json(source, root, spec)
+        else:
+            splits, names = _parse_split(_make_folder_split(root, spec), root, spec)
+    else:
+        if kind == "toy":
+            from toy import world  # lazy: only the toy entry needs it
+            dataset_dir, template = world.ensure_dataset(root), world.TEMPLATE
+        else:
+            dataset_dir = _need(os.path.join(root, spec["dir"]), spec)
+        source = os.path.join(dataset_dir, spec["split"])
+        splits, names = _read_split_json(source, os.path.join(dataset_dir, spec["images"]), spec)
+    _check_files(splits, spec, source)
+    return splits, names, template
+
+
+def load(name, root, shots=-1, seed=1):
+    """Read dataset `name` under `root` (for "folder", root is the folder itself) and sample
+    `shots` training images per class (<= 0: all) and min(shots, 4) validation images.
+    Raises DataError, naming the expected path and layout, when files are missing."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
+    spec = dict(DATASETS[name], name=name)
+    splits, names, template = _read(os.path.expanduser(str(root)), spec)
+    splits, classnames = _subset(splits, names, sorted(names))  # 0..n-1 even if ignores left gaps
+    classnames = [c.replace("_", " ") for c in classnames]  # as every CoOp trainer does
+    # One Random(seed), train then val, gives CoOp's few-shot picks for the same split order
+    # (set_random_seed runs just before its sampling); any other random call in between, or
+    # ImageNet's unsorted listdir order there, would change them.
+    rng = random.Random(seed)
+    train = _fewshot(splits["train"], shots, rng, classnames, f"{name} train")
+    val = splits["val"] if spec["kind"] == "imagenet" else \
+        _fewshot(splits["val"], min(shots, 4), rng, classnames, f"{name} val")
+    return Dataset(name, classnames, train, val, splits["test"], template,
+                   test_only=spec["kind"] in ("wnids", "numbered"))
+
+
+def base_new(ds):
+    """Split into base classes and new, unseen classes (未见类别) as CoOp's subsample_classes:
+    sort the train labels, the first ceil(n/2) are base, the rest new; each half is relabelled
+    from 0. Apply it after load(), i.e. after few-shot sampling, as the official code does."""
+    labels = sorted({y for _, y in ds.train}) or list(range(len(ds.classnames)))
+    m = math.ceil(len(labels) / 2)  # the larger half is base when n is odd
+    out = []
+    for subset, keep in (("base", labels[:m]), ("new", labels[m:])):
+        splits, names = _subset({"train": ds.train, "val": ds.val, "test": ds.test},
+                                ds.classnames, keep)
+        out.append(replace(ds, classnames=names, subset=subset, **splits))
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms (Dassl:dassl/data/transforms/transforms.py with CoOp's configs) and loaders
+
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+def train_transform(n_px):
+    crop = T.RandomResizedCrop(n_px, scale=(0.08, 1.0), interpolation=BICUBIC)  # Dassl's scale
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def test_transform(n_px):
+    """Aspect-preserving resize + centre crop (CoOp #8: a plain square resize costs ~1 point)."""
+    return T.Compose([T.Resize(n_px, interpolation=BICUBIC), T.CenterCrop(n_px),
+                      T.ToTensor(), T.Normalize(MEAN, STD)])  # (3, n_px, n_px)
+
+
+class ImageList(torch.utils.data.Dataset):
+    """(path, label) items -> (image tensor, label); (None, path) for an unreadable image."""
+
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")  # as Dassl's read_image
+        except (OSError, ValueError, SyntaxError):
+            return None, path
+        return self.transform(image), label
+
+
+def _collate(batch):
+    """Drop unreadable images; their paths travel with the batch so that the main process can
+    count them even when workers (num_workers > 0) did the reading."""
+    good = [b for b in batch if b[0] is not None]
+    bad = [b[1] for b in batch if b[0] is None]
+    images = torch.stack([b[0] for b in good]) if good else torch.empty(0)  # (B, 3, n_px, n_px)
+    return images, torch.tensor([b[1] for b in good], dtype=torch.long), bad  # labels (B,)
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader yielding (images (B, 3, n_px, n_px), labels (B,)). Unreadable images are
+    skipped with a warning; `skipped` holds their paths and `n_skipped` counts them (each file
+    once, however many epochs). Works with any num_workers: the paths come back with the batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped, self.n_skipped = set(), 0
+
+    def __iter__(self):
+        for images, labels, bad in super().__iter__():
+            for path in set(bad) - self.skipped:
+                warnings.warn(f"skipping unreadable image {path}")
+                self.skipped.add(path)
+            self.n_skipped = len(self.skipped)
+            if len(labels):
+                yield images, labels
+
+
+def make_loader(items, transform, batch_size, train, num_workers=0, seed=0):
+    """Train: shuffled by a seeded torch.Generator, and drop_last only when there is at least
+    one full batch (as Dassl), so fewer images than a batch still train. Eval: in order."""
+    if not items:
+        raise DataError("no images to load: this split is empty (test-only datasets such as "
+                        "the ImageNet variants have no train/val split)")
+    return Loader(ImageList(items, transform), batch_size=batch_size, shuffle=train,
+                  generator=torch.Generator().manual_seed(seed) if train else None,
+                  drop_last=train and len(items) >= batch_size, num_workers=num_workers,
+                  collate_fn=_collate, pin_memory=torch.cuda.is_available())
