@@ -1,0 +1,173 @@
+"""train.py on a tiny folder dataset and a tiny random CLIP checkpoint (CPU, seconds)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clip
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def folder_dataset(root, classes, per_class=6, seed=0):
+    """root/<class>/<i>.png: 32x32 random-colour images (a 50/20/30 split: 3/1/2 per class)."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(os.path.join(root, c))
+        for i in range(per_class):
+            pixels = np.full((32, 32, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, c, f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    tiny = clip.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                     vision_patch_size=8, context_length=77, vocab_size=49408,
+                     transformer_width=64, transformer_heads=1, transformer_layers=2)
+    ckpt = str(tmp / "tiny.pt")
+    torch.save(tiny.state_dict(), ckpt)
+    return dict(tmp=tmp, ckpt=ckpt,
+                data=folder_dataset(tmp / "pets", ["cat", "dog", "red fox", "sea_lion"]),
+                other=folder_dataset(tmp / "fruit", ["apple", "banana", "cherry"], seed=1))
+
+
+def args(world, out, *extra):
+    return ["--dataset", "folder", "--root", world["data"], "--backbone", world["ckpt"],
+            "--shots", "2", "--batch-size", "2", "--device", "cpu",
+            "--out", str(world["tmp"] / out), *extra]
+
+
+def test_get_lr_matches_the_official_schedule():
+    got = [train.get_lr(e, 0.002, 10) for e in range(10)]
+    want = [1e-5, 0.002, 0.001951, 0.001809, 0.001588, 0.001309]
+    assert got[:6] == pytest.approx(want, abs=1e-6)
+    assert got[-1] == pytest.approx(0.000191, abs=1e-6)
+    got = [train.get_lr(e, 0.0035, 5) for e in range(5)]
+    assert got == pytest.approx([1e-5, 0.0035, 0.003166, 0.002291, 0.001209], abs=1e-6)
+    assert train.get_lr(199, 0.002, 200) == pytest.approx(4.9e-7, rel=0.01)
+
+
+def test_end_to_end_run(world):
+    out = world["tmp"] / "e2e"
+    cmd = [sys.executable, "train.py", *args(world, "e2e", "--method", "coop", "--epochs", "2")]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((out / "results.json").read_text())
+    for key in ("method", "dataset", "backbone", "shots", "seed", "protocol", "accuracy",
+                "train_seconds", "skipped_images", "config"):
+        assert key in results
+    acc = results["accuracy"]
+    assert set(acc) == {"base", "new", "hm"}
+    assert all(isinstance(v, float) and 0 <= v <= 100 for v in acc.values())
+    assert acc["hm"] == pytest.approx(2 * acc["base"] * acc["new"] / (acc["base"] + acc["new"]))
+    assert results["config"]["n_ctx"] == 4 and results["config"]["ctx_init"] == "a photo of a"
+    saved = torch.load(out / "prompt_learner.pt", weights_only=True)
+    assert list(saved["prompt_learner"]) == ["ctx"] and saved["config"]["method"] == "coop"
+    log = (out / "log.txt").read_text()
+    assert "epoch [2/2] batch [2/2] loss" in log and "hm" in log.splitlines()[-1]
+
+
+def test_resume_gives_the_uninterrupted_result(world):
+    common = ("--method", "coop", "--epochs", "3", "--lr", "0.05", "--protocol", "fewshot")
+    whole = train.main(args(world, "whole", *common))
+    assert train.main(args(world, "cut", *common, "--stop-after-epoch", "2")) is None
+    cut = world["tmp"] / "cut"
+    assert not (cut / "results.json").exists()
+    at_2 = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert at_2["epoch"] == 2
+    resumed = train.main(args(world, "cut", *common, "--resume"))
+    assert resumed["accuracy"] == whole["accuracy"]
+    ctx = [torch.load(world["tmp"] / d / "prompt_learner.pt", weights_only=True)
+           ["prompt_learner"]["ctx"] for d in ("whole", "cut")]
+    assert torch.equal(ctx[0], ctx[1])  # bit for bit
+    assert not torch.equal(ctx[1], at_2["prompt_learner"]["ctx"])  # epoch 3 did train
+    assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    assert "resumed from" in (cut / "log.txt").read_text()
+
+
+def test_eval_only_on_other_class_names(world):
+    train.main(args(world, "src", "--method", "coop", "--epochs", "1", "--protocol", "fewshot"))
+    src = str(world["tmp"] / "src")
+    results = train.main(["--eval-only", "--load", src, "--dataset", "folder", "--root",
+                          world["other"], "--device", "cpu"])
+    assert results["protocol"] == "fewshot"  # taken from the saved run
+    assert set(results["accuracy"]) == {"all"}
+    assert results["config"]["backbone"] == world["ckpt"]
+    assert os.path.isfile(os.path.join(src, "eval_folder_fewshot", "results.json"))
+
+
+def test_zeroshot_with_own_template_and_ensemble(world):
+    own = train.main(args(world, "zs", "--method", "zeroshot", "--template",
+                          "a blurry photo of a {}."))
+    assert set(own["accuracy"]) == {"base", "new", "hm"} and own["train_seconds"] < 1
+    assert own["config"]["template"] == "a blurry photo of a {}."
+    ens = train.main(args(world, "zs_ens", "--method", "zeroshot", "--ensemble",
+                          "--protocol", "fewshot"))
+    assert set(ens["accuracy"]) == {"all"}
+
+
+def test_zeroshot_ensemble_averages_normalised_features(world):
+    clip_model = clip.load(world["ckpt"], "cpu")[0]
+    templates = ["a photo of a {}.", "art of the {}."]
+    model = train.ZeroShot(clip_model, ["cat", "dog"], templates)
+    with torch.no_grad():
+        feats = [torch.nn.functional.normalize(clip_model.encode_text(
+            clip.tokenize([t.format(c) for c in ["cat", "dog"]])), dim=-1) for t in templates]
+        want = torch.nn.functional.normalize(feats[0] + feats[1], dim=-1)
+        torch.testing.assert_close(model.text_features(), want)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(world):
+    with pytest.raises(FloatingPointError, match=r"at epoch 2/2, batch \d/4.*lower --lr"):
+        train.main(args(world, "nan", "--method", "coop", "--epochs", "2", "--lr", "1e30",
+                        "--protocol", "fewshot"))
+    ckpt = torch.load(world["tmp"] / "nan" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and torch.isfinite(ckpt["prompt_learner"]["ctx"]).all()
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (["--root", "/no/such/folder"], "DataError", "/no/such/folder"),
+    (["--backbone", "/no/such/model.pt"], "FileNotFoundError", "checkpoint file not found"),
+    (["--method", "zeroshot", "--n-ctx", "4"], "ValueError", "--n-ctx is not an option"),
+    (["--method", "zeroshot", "--template", "a photo"], "ValueError", "needs a {}"),
+    (["--method", "cocoop", "--csc"], "ValueError", "--csc is not an option"),
+    (["--eval-only"], "ValueError", "--load DIR"),
+    (["--eval-only", "--load", "/no/such/run"], "FileNotFoundError", "no prompt_learner.pt"),
+])
+def test_bad_input_gives_a_clear_error(world, extra, error, message):
+    with pytest.raises(train.USER_ERRORS) as info:
+        train.main(args(world, "bad", *extra))
+    assert type(info.value).__name__ == error and message in str(info.value)
+
+
+def test_unknown_method_is_a_usage_error(world, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(args(world, "bad", "--method", "prompt_magic"))
+    assert info.value.code == 2 and "invalid choice: 'prompt_magic'" in capsys.readouterr().err
+
+
+def test_command_line_error_exit_code_and_no_traceback(world):
+    cmd = [sys.executable, "train.py", *args(world, "bad_cli", "--backbone", "/no/such.pt")]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("error: checkpoint file not found")
+    assert "Traceback" not in run.stderr
+
+
+def test_help_lists_every_option():
+    text = train.parser.format_help()
+    for option in ("--method", "--dataset", "--root", "--backbone", "--shots", "--seed",
+                   "--protocol", "--n-ctx", "--ctx-init", "--csc", "--class-token-position",
+                   "--epochs", "--lr", "--batch-size", "--precision", "--eval-only", "--load",
+                   "--resume", "--template", "--ensemble", "--out"):
+        assert option in text
+    assert "--stop-after-epoch" not in text  # a hidden option for the resume test
