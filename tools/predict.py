@@ -1,0 +1,250 @@
+"""Predict with learned prompts: the top-k classes, with probabilities, of new images.
+
+    python tools/predict.py --load out/toy/coop/toy_16shots_base2new/seed1 data/toy/images/heart
+    python tools/predict.py --load RUN --classes "cat,dog,red fox" 'photos/*.jpg' --out preds.csv
+    python tools/predict.py --method zeroshot --backbone ViT-B/16 --classes cat,dog dog.jpg
+
+--load takes a train.py output folder (or its prompt_learner.pt): the method, backbone and
+method options come from the saved configuration, and the model is built by train.build_model,
+exactly as for evaluation. The class names default to the training run's (its base classes for
+a base2new run; --subset new for the unseen half), read from its dataset; any other list works
+too, since the saved prompts hold no class-name tensors. Images go through the test transform
+(resize, centre crop) at the backbone's input resolution, in fp32.
+
+Shape legend: B images in a batch, n_cls classes, k = --topk.
+"""
+import argparse
+import contextlib
+import csv
+import glob
+import io
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+
+import torch  # noqa: E402
+
+import clip  # noqa: E402
+import data  # noqa: E402
+import train  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) "
+                    "or quoted globs such as 'photos/**/*.jpg'")
+parser.add_argument("--load", metavar="RUN", help="a training run's output folder (or its "
+                    "prompt_learner.pt / checkpoint.pt)")
+parser.add_argument("--method", help="zeroshot: hand-written prompts, no --load; otherwise a "
+                    "check that --load holds this method's prompts")
+parser.add_argument("--backbone", help="zeroshot: the CLIP model (default ViT-B/16); with "
+                    "--load: only to point at the same checkpoint file moved elsewhere")
+parser.add_argument("--template", help="zeroshot: prompt template (default 'a photo of a {}.')")
+parser.add_argument("--classes", help="comma-separated class names (default: the run's)")
+parser.add_argument("--classes-file", help="class names, one per line")
+parser.add_argument("--subset", choices=["base", "new", "all"], help="which of the run's classes "
+                    "(default: base for a base2new run, else all)")
+parser.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+parser.add_argument("--out", help="also write the predictions to a .csv or .json file")
+parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_prompts(path):
+    """A train.py prompt file (or the run folder holding it) -> (state dict, config, file)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "prompt_learner.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{os.path.dirname(path)} holds no prompt_learner.pt: pass "
+                                    "the output folder of a finished training run (an "
+                                    "unfinished one: its checkpoint.pt)")
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: pass a training run's output folder")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"could not read {path} as a torch file ({type(e).__name__}: "
+                         f"{str(e)[:150]}); pass a training run's prompt_learner.pt") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("prompt_learner"), dict)
+            and isinstance(saved.get("config"), dict)
+            and {"method", "backbone", "dataset", "model_options"} <= set(saved["config"])):
+        raise ValueError(f"{path} is not a prompt file written by train.py (a dict with "
+                         "'prompt_learner' and 'config'); pass a training run's "
+                         "prompt_learner.pt or its output folder")
+    return saved["prompt_learner"], saved["config"], path
+
+
+def run_classes(cfg, subset=None):
+    """The class names of the run's dataset, as train.py derived them."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # few-shot sampling notes: not about class names
+            ds = data.load(cfg["dataset"], cfg["root"])  # all shots: the same classes
+    except data.DataError as e:
+        raise ValueError(f"the class names come from the run's dataset {cfg['dataset']!r} under "
+                         f"{cfg['root']!r}, which cannot be read here ({e}). Pass --classes or "
+                         "--classes-file") from None
+    subset = subset or ("base" if cfg["protocol"] == "base2new" else "all")
+    return ds.classnames if subset == "all" else \
+        data.base_new(ds)[subset == "new"].classnames
+
+
+def class_list(args, cfg):
+    if args.classes and args.classes_file:
+        raise ValueError("give --classes or --classes-file, not both")
+    if args.classes_file:
+        with open(args.classes_file) as f:
+            names = [s.strip() for s in f if s.strip() and not s.startswith("#")]
+    elif args.classes:
+        names = [s.strip() for s in args.classes.split(",") if s.strip()]
+    elif cfg["method"] == "zeroshot":
+        raise ValueError("--method zeroshot needs --classes or --classes-file")
+    else:
+        return run_classes(cfg, args.subset)
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"need at least two distinct class names, got {names}")
+    return names
+
+
+def check_backbone(saved, given, path):
+    """The run's backbone; a different --backbone only when it is the same file, moved."""
+    if given is None or given == saved:
+        return saved
+    names = clip.available_models()
+    if saved not in names and given not in names and \
+            os.path.basename(saved) == os.path.basename(given):
+        return given
+    raise ValueError(f"the prompts in {path} were trained with backbone {saved!r}, not "
+                     f"--backbone {given!r}: learned prompts only work with the backbone they "
+                     "were trained on (to point at the same checkpoint moved elsewhere, keep "
+                     "its file name)")
+
+
+def configure(args):
+    """-> (config for train.build_model, prompt state or None, where the prompts came from)."""
+    if args.load is None:
+        if args.method != "zeroshot":
+            raise ValueError("pass --load RUN (a training run's output folder), or "
+                             "--method zeroshot for hand-written prompts")
+        if "{}" not in (args.template or "{}"):
+            raise ValueError(f"--template {args.template!r} needs a {{}} for the class name")
+        cfg = dict(train.RUN, method="zeroshot", backbone=args.backbone or train.RUN["backbone"],
+                   template=args.template, ensemble=False, model_options=[])
+        return cfg, None, f"the template {args.template or data.PHOTO!r}"
+    state, cfg, path = load_prompts(args.load)
+    if args.method not in (None, cfg["method"]):
+        raise ValueError(f"--method {args.method}, but {path} holds {cfg['method']} prompts")
+    if args.template:
+        raise ValueError("--template is for --method zeroshot; learned prompts have no template")
+    cfg = dict(cfg, backbone=check_backbone(cfg["backbone"], args.backbone, path))
+    return cfg, state, path
+
+
+def expand_images(specs):
+    """Paths, folders (recursive) and globs -> image paths, in the order given."""
+    paths = []
+    for spec in specs:
+        if any(c in spec for c in "*?["):
+            found = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True)
+                           if os.path.isfile(p))
+            if not found:
+                raise FileNotFoundError(f"no file matches {spec!r}")
+        elif os.path.isdir(spec):
+            found = sorted(os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
+                           if f.lower().endswith(data.IMAGE_EXTS))
+            if not found:
+                raise FileNotFoundError(f"folder {spec} holds no images "
+                                        f"({', '.join(data.IMAGE_EXTS)})")
+        elif os.path.isfile(spec):
+            found = [spec]
+        else:
+            raise FileNotFoundError(f"{spec} not found (not a file, a folder or a glob)")
+        paths += found
+    return paths
+
+
+@torch.no_grad()
+def predict(model, paths, n_px, device, batch_size=64):
+    """Probabilities (N, n_cls) of the readable images and the paths they belong to. The same
+    transform and loader as evaluation; each item's "label" is its index, to find it again."""
+    model.eval()
+    loader = data.make_loader([(p, i) for i, p in enumerate(paths)], data.test_transform(n_px),
+                              batch_size, False)
+    text_features = model.text_features() if hasattr(model, "text_features") else None
+    probs, kept = [], []
+    for images, index in loader:
+        images = images.to(device)  # (B, 3, n_px, n_px)
+        logits = model(images) if text_features is None else \
+            model(images, text_features=text_features)  # (B, n_cls)
+        probs.append(logits.float().softmax(dim=-1).cpu())
+        kept += [paths[i] for i in index.tolist()]
+    if not kept:
+        raise ValueError(f"none of the {len(paths)} files is an image PIL can read")
+    return torch.cat(probs), kept  # (N, n_cls)
+
+
+def write(out, rows):
+    """rows: [(path, [(class, probability), ...])] -> CSV (one line per rank) or JSON."""
+    with open(out, "w", newline="") as f:
+        if out.endswith(".json"):
+            json.dump([{"image": p, "predictions": [{"class": c, "probability": round(q, 6)}
+                                                    for c, q in top]} for p, top in rows],
+                      f, indent=2)
+            return
+        w = csv.writer(f)
+        w.writerow(["image", "rank", "class", "probability"])
+        w.writerows([p, r + 1, c, f"{q:.6f}"] for p, top in rows for r, (c, q) in enumerate(top))
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.out and not args.out.endswith((".csv", ".json")):
+        raise ValueError(f"--out {args.out}: name a .csv or .json file")
+    if args.topk < 1:
+        raise ValueError("--topk must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+    cfg, state, source = configure(args)
+    cfg["device"] = args.device
+    classnames = class_list(args, cfg)
+    ctx = state.get("ctx") if state else None
+    if ctx is not None and ctx.dim() == 3:  # CoOp class-specific context: one per run class
+        if len(ctx) != len(classnames):
+            raise ValueError(f"{source} holds class-specific context (csc) for {len(ctx)} "
+                             f"classes, not {len(classnames)}: it works only for the run's "
+                             "own classes, in its order (omit --classes)")
+        if args.classes or args.classes_file:
+            print("note: class-specific context: context i goes with the i-th class given")
+    paths = expand_images(args.images)
+    clip_model, _ = clip.load(cfg["backbone"], args.device)
+    ds = data.Dataset(cfg["dataset"], classnames, [], [], [], data.PHOTO)
+    try:
+        model = train.build_model(cfg, clip_model, ds, state)
+    except RuntimeError as e:  # load_state_dict: missing keys or other shapes
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+        raise ValueError(f"the prompts in {source} do not fit a {cfg['method']} model on "
+                         f"backbone {cfg['backbone']!r} ({detail}): prompts fit only the method, "
+                         "backbone and options they were trained with") from None
+    probs, kept = predict(model, paths, clip_model.visual.input_resolution, args.device,
+                          args.batch_size)
+    top = probs.topk(min(args.topk, len(classnames)), dim=-1)  # (N, k)
+    rows = [(p, [(classnames[j], q) for q, j in zip(v.tolist(), i.tolist())])
+            for p, v, i in zip(kept, top.values, top.indices)]
+    print(f"{cfg['method']} prompts from {source}, backbone {cfg['backbone']}, "
+          f"{len(classnames)} classes, {len(rows)} image{'s' * (len(rows) != 1)}")
+    for path, preds in rows:
+        print(path, *(f"  {q:7.2%}  {c}" for c, q in preds), sep="\n")
+    if args.out:
+        write(args.out, rows)
+        print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except train.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
