@@ -15,12 +15,14 @@ EXPECTED = {
     "coop.py": 16 * 64,  # M = 16 random context vectors
     "cocoop.py": 4 * 64 + (32 * 2 + 2) + (2 * 64 + 64),  # ctx + meta-net 32 -> 2 -> 64
     "maple.py": 2 * (2 * 64 + 64 * 64 + 64),  # depth 2: P_0, F_0, P_1, F_1
+    "finetune.py": 3_384_896,  # the whole tiny CLIP but logit_scale
+    "linearprobe.py": 0,  # the head is fitted by L-BFGS, not trained by SGD
 }
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Start the three self-checks at once (each pays for importing torch), then collect."""
+    """Start the self-checks at once (each pays for importing torch), then collect."""
     procs = {}
     for name in EXPECTED:
         folder = tmp_path_factory.mktemp(name.replace(".py", ""))
