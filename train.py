@@ -34,12 +34,17 @@ import clip
 import cocoop
 import coop
 import data
+import finetune
+import linearprobe
 import maple
 
 # name -> (method file, model class). Each method file has DEFAULTS and its model a
 # .prompt_learner holding every trained parameter. "zeroshot" is ZeroShot below.
 METHODS = {"coop": (coop, coop.CoOp), "cocoop": (cocoop, cocoop.CoCoOp),
-           "maple": (maple, maple.MaPLe)}
+           "maple": (maple, maple.MaPLe),
+           # the baselines the notes argue against: full fine-tuning and the linear probe
+           "finetune": (finetune, finetune.FineTune),
+           "linearprobe": (linearprobe, linearprobe.LinearProbe)}
 
 # ---------------------------------------------------------------------------------------------
 # Run-level defaults. A key of a method's DEFAULTS that is not one of these is a model argument.
@@ -52,18 +57,22 @@ RUN = dict(
     device="cuda" if torch.cuda.is_available() else "cpu",
     precision=None,  # None: amp on a GPU with bf16, else fp32
     out=None, eval_only=False, load=None, resume=False, template=None, ensemble=False,
-    stop_after_epoch=None,
+    stop_after_epoch=None, checkpointing=False,
 )
 # The toy run (dataset and backbone "toy", the default): the toy world and the built-in tiny
-# CLIP (toy/), about a minute on a laptop CPU. Placeholder values until tuned on the toy CLIP.
-TOY = {"coop": dict(shots=16, batch_size=32, epochs=10, lr=0.002),
-       "cocoop": dict(shots=16, batch_size=32, epochs=10, lr=0.002),
-       "maple": dict(shots=16, batch_size=32, epochs=10, lr=0.002)}
+# CLIP (toy/), well under a minute on a laptop CPU. Only what the tiny model needs differs from
+# the papers' settings (measured on the toy, see README "The toy world"):
+TOY = {"coop": dict(epochs=50),  # 200 epochs of 6 classes x 16 shots are not needed to fit them
+       "cocoop": dict(),  # the paper's: batch 1, 10 epochs, lr 0.002
+       "maple": dict(prompt_depth=4, lr=0.002),  # the toy text tower has 4 layers, not 12
+       "finetune": dict(epochs=50),  # long enough to see forgetting (10 epochs still help)
+       "linearprobe": dict()}
 # CoOp:trainers/zsclip.py IMAGENET_TEMPLATES_SELECT, for --ensemble
 ENSEMBLE_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.",
                       "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
                       "a photo of the small {}."]
-MODEL_OPTIONS = ("n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth")
+MODEL_OPTIONS = ("n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth",
+                 "finetune_part")
 # Bad input: reported as "error: <message>", exit status 2, no traceback. Anything else is a bug.
 USER_ERRORS = (data.DataError, clip.CheckpointError, clip.DownloadError, ValueError,
                FileNotFoundError)
@@ -92,6 +101,9 @@ g.add_argument("--precision", choices=["amp", "fp32", "fp16"], help="amp: bf16 a
                "weights (default on a GPU with bf16); fp32 (default otherwise); fp16: the "
                "official pure fp16, known to give NaN losses")
 g.add_argument("--workers", type=int, help=f"data-loading processes (default: {RUN['workers']})")
+g.add_argument("--checkpointing", action="store_true", default=None, help="activation "
+               "checkpointing in the text encoder: bounds its memory with many classes "
+               "(ImageNet) for ~1/3 more text-encoder compute; same results")
 g.add_argument("--stop-after-epoch", type=int, help=argparse.SUPPRESS)  # tests: an interruption
 g = parser.add_argument_group("data")
 g.add_argument("--dataset", help=f"{', '.join(data.DATASETS)} (default: toy)")
@@ -110,6 +122,8 @@ g.add_argument("--ctx-init", help=f"initial context words ({_method_defaults('ct
 g.add_argument("--csc", action="store_true", default=None, help="coop: class-specific context")
 g.add_argument("--class-token-position", choices=["end", "middle", "front"], help="coop (end)")
 g.add_argument("--prompt-depth", type=int, help=f"maple ({_method_defaults('prompt_depth')})")
+g.add_argument("--finetune-part", help="finetune: all (the whole CLIP), image (the image encoder) "
+               "or last:N (the last N image blocks and the head); default all")
 g.add_argument("--epochs", type=int, help="coop: 50 for 1 shot and ImageNet, 100 for 2-4 shots, "
                f"200 for 8-16; {_method_defaults('epochs')}")
 g.add_argument("--lr", type=float, help=f"SGD learning rate ({_method_defaults('lr')})")
@@ -173,7 +187,11 @@ def resolve_config(args):
             raise ValueError(f"--method {args.method}, but {path} holds {saved['method']} prompts")
     method = given.get("method", saved.get("method", RUN["method"]))
     module = METHODS[method][0] if method in METHODS else None  # None: zeroshot
-    protocol = given.get("protocol", saved.get("protocol", RUN["protocol"]))
+    # The linear probe is closed-set: only the all-class protocol (it says so otherwise).
+    protocol = given.get("protocol", saved.get("protocol", "fewshot" if method == "linearprobe"
+                                                   else RUN["protocol"]))
+    if method == "linearprobe":
+        linearprobe.check_protocol(protocol)
     defaults = dict(getattr(module, "DEFAULTS", {}))
     if protocol == "base2new":  # CoOp in the CoCoOp paper's base-to-new table: coop.BASE2NEW
         defaults.update(getattr(module, "BASE2NEW", {}))
@@ -238,7 +256,10 @@ def build_model(cfg, clip_model, ds, state=None):
         return ZeroShot(clip_model, ds.classnames,
                         ENSEMBLE_TEMPLATES + extra if cfg["ensemble"] else [template])
     model_class = METHODS[cfg["method"]][1]
-    model = model_class(clip_model, ds.classnames, **{k: cfg[k] for k in cfg["model_options"]})
+    options = {k: cfg[k] for k in cfg["model_options"]}
+    if cfg["method"] == "finetune":  # start from exactly zero-shot CLIP's classifier
+        options["template"] = ds.template
+    model = model_class(clip_model, ds.classnames, **options)
     if state is not None:  # strict: a checkpoint holds exactly the learned tensors
         model.prompt_learner.load_state_dict(state)
     return model.to(cfg["device"])
@@ -341,12 +362,16 @@ def main(argv=None):
         # ---- model
         clip_model, _ = clip.load(cfg["backbone"], cfg["device"],
                                   fp16=cfg["precision"] == "fp16")
+        for block in clip_model.transformer.resblocks:  # opt-in, see clip/model.py
+            block.checkpoint = cfg["checkpointing"]
         n_px = clip_model.visual.input_resolution
         state = torch.load(os.path.join(cfg["load"], "prompt_learner.pt"), map_location="cpu",
                            weights_only=True)["prompt_learner"] if cfg["load"] else None
         model = build_model(cfg, clip_model, base, state)
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        print("trainable parameters:", ", ".join(f"{k} {tuple(p.shape)}" for k, p in trainable),
+        names = [f"{k} {tuple(p.shape)}" for k, p in trainable]
+        names = names if len(names) <= 12 else names[:6] + [f"... {len(names) - 6} more"]
+        print("trainable parameters:", ", ".join(names),
               f"= {sum(p.numel() for _, p in trainable):,}")
         n_ctx = getattr(getattr(model, "prompt_learner", None), "n_ctx", cfg.get("n_ctx"))
         if n_ctx != cfg.get("n_ctx"):  # CoOp, CoCoOp: n_ctx = the length of ctx_init
@@ -361,6 +386,17 @@ def main(argv=None):
             if not train(model, loaders[0], cfg, amp):
                 print(f"stopped after epoch {cfg['stop_after_epoch']}; --resume continues")
                 return None
+        elif cfg["method"] == "linearprobe" and not cfg["eval_only"]:
+            # No SGD loop: features of the shots once, then L-BFGS, C chosen on the val shots
+            # (CoOp:lpclip uses no augmentation, hence the test transform).
+            for items in (base.train, base.val):
+                loaders.append(data.make_loader(items, data.test_transform(n_px),
+                                                cfg["eval_batch_size"], False, cfg["workers"]))
+            with amp:
+                C, val_acc = model.fit(loaders[-2], loaders[-1])
+            print(f"linear probe: C {C:.3g}, validation accuracy {val_acc:.1f}%")
+            torch.save(dict(prompt_learner=model.prompt_learner.state_dict(), config=cfg),
+                       os.path.join(cfg["out"], "prompt_learner.pt"))
         train_seconds = time.time() - t0
         # ---- evaluate: the last epoch's prompts (Dassl TEST.FINAL_MODEL "last_step")
         accuracy, learned = {}, model.prompt_learner.state_dict() if trainable else None

@@ -171,3 +171,18 @@ def test_help_lists_every_option():
                    "--resume", "--template", "--ensemble", "--out"):
         assert option in text
     assert "--stop-after-epoch" not in text  # a hidden option for the resume test
+
+
+def test_finetune_and_linear_probe_run_end_to_end(world):
+    res = train.main(args(world, "ft", "--method", "finetune", "--finetune-part", "image",
+                          "--epochs", "1"))
+    assert set(res["accuracy"]) == {"base", "new", "hm"}
+    saved = torch.load(world["tmp"] / "ft" / "prompt_learner.pt", weights_only=True)
+    assert saved["prompt_learner"] and all(k.startswith("visual.")
+                                           for k in saved["prompt_learner"])
+    res = train.main(args(world, "lp", "--method", "linearprobe"))  # fewshot by default
+    assert res["protocol"] == "fewshot" and set(res["accuracy"]) == {"all"}
+    res = train.main(["--eval-only", "--load", str(world["tmp"] / "lp"), "--dataset", "folder",
+                      "--root", world["data"], "--device", "cpu",
+                      "--out", str(world["tmp"] / "lp_eval")])
+    assert set(res["accuracy"]) == {"all"}
