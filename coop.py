@@ -189,8 +189,15 @@ class CoOp(nn.Module):
     def text_features(self):
         """Normalised class features g(t_i) (n_cls, E). They do not depend on the image (the
         context is image-agnostic), so evaluation computes them once for all test batches."""
-        prompts = self.prompt_learner()  # (n_cls, L, D)
-        g = self.clip_model.encode_text_embeddings(prompts, self.prompt_learner.tokenized_prompts)
+        pl = self.prompt_learner
+        if pl.ctx.dim() == 2 and pl.class_token_position == "end":
+            # Exact shortcut: every prompt starts with the same [SOS, V_1 .. V_M], so the text
+            # encoder computes those positions once, not once per class (encode_text_shared).
+            prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1+n_ctx, D)
+            g = self.clip_model.encode_text_shared(prefix, pl.token_suffix,
+                                                   pl.tokenized_prompts)[0]  # (n_cls, E)
+        else:
+            g = self.clip_model.encode_text_embeddings(pl(), pl.tokenized_prompts)  # (n_cls, E)
         return F.normalize(g, dim=-1)  # (n_cls, E)
 
     def forward(self, images, text_features=None):

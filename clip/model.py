@@ -8,7 +8,9 @@ renaming. Three deliberate differences from the original, none of which changes 
   halves the whole model on a GPU;
 - seams for prompt learning: `encode_text_embeddings` encodes token *embeddings* (what prompt
   learners build), and the vision tower splits into `embed` -> `ln_pre` -> blocks -> `head`, so a
-  method (MaPLe) can drive the blocks itself without forking this file.
+  method (MaPLe) can drive the blocks itself without forking this file; `encode_text_shared`
+  encodes prompts that start alike (CoOp's context) without repeating the common start, and
+  blocks can recompute their activations in backward (`checkpoint`) to save memory.
 
 Shape legend: B images, N texts, L text positions (77), D text width, Dv vision width,
 P patches, E joint embedding dim.
@@ -19,6 +21,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .resnet import ModifiedResNet
 
@@ -59,6 +62,25 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(x.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
+    def forward_shared(self, xp, xs):
+        """Causal attention for prompts that share their first P positions: xp (G, P, D) the
+        shared positions of G groups, xs (G, C, S, D) the other S positions of each group's C
+        prompts -> the same shapes. Equal to attention over the C full (P+S)-position prompts:
+        the shared positions only see themselves, the others see them and their predecessors."""
+        G, C, S, D = xs.shape
+        P, h = xp.shape[1], self.n_head
+        qp, kp, vp = (t.unflatten(-1, (h, D // h)).transpose(-3, -2) for t in F.linear(
+            xp, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))  # (G, h, P, D/h)
+        qs, ks, vs = (t.unflatten(-1, (h, D // h)).transpose(-3, -2).flatten(0, 1) for t in
+                      F.linear(xs, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        k = torch.cat([kp.repeat_interleave(C, dim=0), ks], dim=2)  # (G*C, h, P+S, D/h)
+        v = torch.cat([vp.repeat_interleave(C, dim=0), vs], dim=2)  # (G*C, h, P+S, D/h)
+        seen = torch.ones(S, P + S, dtype=torch.bool, device=xs.device).tril(P)  # i sees <= P+i
+        ys = F.scaled_dot_product_attention(qs, k, v, attn_mask=seen)  # (G*C, h, S, D/h)
+        yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (G, h, P, D/h)
+        return (self.out_proj(yp.transpose(1, 2).reshape(G, P, D)),
+                self.out_proj(ys.transpose(1, 2).reshape(G, C, S, D)))
+
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
@@ -76,10 +98,34 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(d_model * 4, d_model)),
         ]))
         self.ln_2 = nn.LayerNorm(d_model)
+        self.checkpoint = False  # opt-in activation checkpointing (train.py --checkpointing)
 
     def forward(self, x):
+        return self._run(self._forward, x)
+
+    def forward_shared(self, xp, xs):
+        """The block for prompts sharing a prefix (Attention.forward_shared): xp (G, P, D),
+        xs (G, C, S, D) -> the same shapes."""
+        return self._run(self._forward_shared, xp, xs)
+
+    def _run(self, fn, *xs):
+        if self.checkpoint and torch.is_grad_enabled():
+            # Keep only the block's input for backward and recompute the block there: the same
+            # outputs and gradients for ~1/3 more compute, and a text pass over many prompts
+            # (ImageNet's 1000 classes) stores one tensor per block instead of all of them.
+            # A flag on the block, so methods that loop over blocks (MaPLe) get it too; grad
+            # mode, not self.training, because prompt learners keep CLIP in eval mode.
+            return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
+        return fn(*xs)
+
+    def _forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    def _forward_shared(self, xp, xs):
+        ap, as_ = self.attn.forward_shared(self.ln_1(xp), self.ln_1(xs))
+        xp, xs = xp + ap, xs + as_
+        return xp + self.mlp(self.ln_2(xp)), xs + self.mlp(self.ln_2(xs))
 
 
 class Transformer(nn.Module):
@@ -198,6 +244,27 @@ class CLIP(nn.Module):
         (ln_final acts per position, so taking the row first gives the same result.)"""
         x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])  # (N, D)
         return x @ self.text_projection  # (N, E)
+
+    def encode_text_shared(self, prefix, suffix, tokens):
+        """encode_text_embeddings for prompts that all start with the same P embeddings, as
+        CoOp's [SOS, V_1 .. V_M] before each class name: prefix (G, P, D) for G groups, suffix
+        (C, L-P, D) the rest of C prompts (the same in every group), tokens (C, L) -> (G, C, E).
+        Exact shortcut: attention is causal, so the shared positions never see what follows
+        them; they are computed once per group instead of once per prompt (CoOp with 16
+        context tokens: 17 of ~22 positions), and the other positions attend to them."""
+        eot = tokens.argmax(dim=-1)  # (C,) EOT has the largest id
+        G, P = prefix.shape[:2]
+        n = int(eot.max()) + 1  # as encode_text_embeddings: nothing after the last EOT matters
+        if int(eot.min()) < P:
+            raise ValueError(f"a prompt ends (EOT at {int(eot.min())}) inside the {P} shared "
+                             "positions: pass a shorter prefix")
+        pos = self.positional_embedding.to(prefix.dtype)
+        xp = prefix + pos[:P]  # (G, P, D)
+        xs = (suffix[:, :n - P] + pos[P:n]).expand(G, -1, -1, -1)  # (G, C, S, D), S = n - P
+        for block in self.transformer.resblocks:
+            xp, xs = block.forward_shared(xp, xs)
+        x = self.pool_text(xs.flatten(0, 1), (eot - P).repeat(G))  # (G*C, E), read at EOT
+        return x.view(G, len(eot), -1)  # (G, C, E)
 
     def forward(self, images, tokens):
         image_features = F.normalize(self.encode_image(images), dim=-1)  # (B, E)

@@ -1,0 +1,199 @@
+"""The speed shortcuts change no output: our path equals the straightforward reference path.
+
+The reference functions are bench.py's own, so the benchmark's reference is tested here too: 77
+positions through the text encoder, CoCoOp's loop over images, text features per test batch.
+Tiny random CLIP, CPU, seconds."""
+import contextlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import clip
+import cocoop
+import coop
+import maple
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Prompts of different lengths (1 to 5 class-name tokens), so EOT positions differ per class.
+NAMES = ["cat", "sea_lion", "golden retriever", "electric guitar", "yin yang", "dollar_bill"]
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    torch.manual_seed(0)
+    return clip.model.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                           vision_patch_size=8, context_length=77, vocab_size=49408,
+                           transformer_width=64, transformer_heads=1,
+                           transformer_layers=2).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, 32, 32, generator=gen)  # (B, 3, H, W)
+    return images, torch.randint(len(NAMES), (3,), generator=gen)  # labels (B,)
+
+
+def assert_same_step(model, ref, batch):
+    """Logits, loss and every prompt parameter's gradient: our forward == the reference."""
+    ours = bench.train_step(model, model, *batch)
+    theirs = bench.train_step(model, lambda x: ref(model, x), *batch)
+    torch.testing.assert_close(ours["logits"], theirs["logits"], **TOL)
+    torch.testing.assert_close(ours["loss"], theirs["loss"], **TOL)
+    assert ours["grads"].keys() == theirs["grads"].keys()
+    for name, grad in ours["grads"].items():
+        assert grad.abs().max() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(grad, theirs["grads"][name], **TOL, msg=name)
+    return ours
+
+
+def test_reference_text_encoder_is_clips_own(clip_model):
+    tokens = clip.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES])  # (n, 77)
+    with torch.no_grad():
+        ref = bench.ref_encode_text(clip_model, clip_model.token_embedding(tokens), tokens)
+        torch.testing.assert_close(ref, clip_model.encode_text(tokens), **TOL)
+        # and shorter prompts are padded to 77 positions with the padding token, as officially
+        short = tokens[:, :12]
+        torch.testing.assert_close(
+            bench.ref_encode_text(clip_model, clip_model.token_embedding(short), short), ref,
+            **TOL)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_encode_text_shared_equals_full_prompts(clip_model, heads):
+    """G groups of prompts sharing their first P embeddings (CoCoOp-like: one context per
+    image): the shared path equals encoding the (G*C) full prompts."""
+    torch.manual_seed(0)
+    if heads > 1:
+        clip_model = clip.model.CLIP(32, 32, 1, 64, 8, 77, 49408, 64, heads, 2).eval()
+    tokens = clip.tokenize([f"X X X X {n.replace('_', ' ')}." for n in NAMES])  # (C, 77)
+    suffix = clip_model.token_embedding(tokens[:, 5:])  # (C, 72, D)
+    prefix = torch.randn(2, 5, 64, requires_grad=True)  # (G, P, D): SOS + 4 context, 2 groups
+    shared = clip_model.encode_text_shared(prefix, suffix, tokens)  # (G, C, E)
+    full = torch.cat([prefix[:, None].expand(-1, len(NAMES), -1, -1),
+                      suffix.expand(2, -1, -1, -1)], dim=2)  # (G, C, 77, D)
+    ref = bench.ref_encode_text(clip_model, full.flatten(0, 1), tokens.repeat(2, 1))
+    torch.testing.assert_close(shared.flatten(0, 1), ref, **TOL)
+    g_shared, = torch.autograd.grad(shared.square().sum(), prefix)
+    g_ref, = torch.autograd.grad(ref.square().sum(), prefix)
+    torch.testing.assert_close(g_shared, g_ref, **TOL)
+    with pytest.raises(ValueError, match="shared"):  # "cat." ends before 12 positions
+        clip_model.encode_text_shared(torch.randn(1, 12, 64), suffix[:, 7:], tokens)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(csc=True), dict(ctx_init="a photo of a"),
+                                     dict(class_token_position="middle"),
+                                     dict(class_token_position="front")])
+def test_coop_step_equals_reference(clip_model, batch, options):
+    torch.manual_seed(0)
+    model = coop.CoOp(clip_model, NAMES, **options).train()
+    n = int(model.prompt_learner.tokenized_prompts.argmax(-1).max()) + 1
+    assert n < 30, "the shortcut should run far fewer than 77 positions here"
+    assert_same_step(model, bench.ref_coop_logits, batch)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])  # one batched pass; chunks (checkpointed)
+def test_cocoop_step_equals_per_image_loop(clip_model, batch, chunk_size):
+    torch.manual_seed(0)
+    model = cocoop.CoCoOp(clip_model, NAMES, chunk_size=chunk_size).train()
+    assert_same_step(model, bench.ref_cocoop_logits, batch)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_maple_step_equals_reference(clip_model, batch, depth):
+    torch.manual_seed(0)
+    model = maple.MaPLe(clip_model, NAMES, prompt_depth=depth).train()
+    assert_same_step(model, bench.ref_maple_logits, batch)
+
+
+def test_evaluation_with_text_features_once_equals_per_batch(clip_model, batch):
+    torch.manual_seed(0)
+    model = coop.CoOp(clip_model, NAMES).eval()
+    batches = [batch[0], batch[0].flip(0)[:2]]
+    torch.testing.assert_close(bench.eval_ours(model, batches)["logits"],
+                               bench.eval_ref(model, batches)["logits"], **TOL)
+    mp = maple.MaPLe(clip_model, NAMES, prompt_depth=2).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mp(batch[0], text_features=mp.text_features()),
+                                   bench.ref_maple_logits(mp, batch[0]), **TOL)
+
+
+def test_train_evaluate_computes_text_features_once(clip_model, batch, monkeypatch):
+    torch.manual_seed(0)
+    model = coop.CoOp(clip_model, NAMES)
+    calls = []
+    text_features = model.text_features
+    monkeypatch.setattr(model, "text_features", lambda: calls.append(1) or text_features())
+    loader = [batch, (batch[0][:1], batch[1][:1]), batch]
+    accuracy = train.evaluate(model, loader, dict(device="cpu"), contextlib.nullcontext())
+    assert len(calls) == 1
+    with torch.no_grad():
+        hits = sum((bench.ref_coop_logits(model, x).argmax(-1) == y).sum().item()
+                   for x, y in loader)
+    assert accuracy == pytest.approx(100.0 * hits / 7)
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for backward while fn() runs."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(sizes), out
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop", "maple"])
+def test_checkpointing_gives_the_same_gradients_and_saves_less(clip_model, batch, method):
+    torch.manual_seed(0)
+    model = dict(coop=lambda: coop.CoOp(clip_model, NAMES),
+                 cocoop=lambda: cocoop.CoCoOp(clip_model, NAMES),
+                 maple=lambda: maple.MaPLe(clip_model, NAMES, prompt_depth=2))[method]().train()
+    plain_bytes, plain = saved_bytes(lambda: bench.train_step(model, model, *batch))
+    blocks = clip_model.transformer.resblocks
+    try:
+        for block in blocks:
+            block.checkpoint = True
+        ckpt_bytes, ckpt = saved_bytes(lambda: bench.train_step(model, model, *batch))
+    finally:
+        for block in blocks:
+            block.checkpoint = False
+    torch.testing.assert_close(ckpt["logits"], plain["logits"], **TOL)
+    for name, grad in plain["grads"].items():
+        torch.testing.assert_close(ckpt["grads"][name], grad, **TOL, msg=name)
+    assert ckpt_bytes < plain_bytes  # the text blocks' activations are not kept
+    if method == "coop":  # CoOp's saved activations are all in the text encoder
+        assert ckpt_bytes < plain_bytes / 4
+
+
+def test_train_py_checkpointing_flag():
+    cfg = train.resolve_config(train.parser.parse_args(["--checkpointing"]))
+    assert cfg["checkpointing"] is True
+    assert train.resolve_config(train.parser.parse_args([]))["checkpointing"] is False
+
+
+def test_bench_quick_prints_the_table():
+    run = subprocess.run([sys.executable, "bench.py", "--quick"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert re.search(r"case +ours s +ref s +speed-up +\(cpu\) +ours MB +ref MB +mem ratio "
+                     r"+max \|diff\|", out), out
+    num = r" +([\d.e+-]+)"
+    rows = re.findall(rf"^(CoOp step|CoCoOp step|MaPLe step|CoOp eval) \(.*?\){num}{num}{num}x"
+                      rf"{num}x{num}{num}{num}x +(\S+)$", out, flags=re.M)
+    assert [r[0] for r in rows] == ["CoOp step", "CoCoOp step", "MaPLe step", "CoOp eval"], out
+    for row in rows:  # timings were measured, and the outputs are identical
+        assert min(float(x) for x in row[1:8]) >= 0 and float(row[1]) > 0, row
+        assert float(row[8]) < 1e-4, row
+    assert "evaluation throughput: ours" in out
