@@ -424,7 +424,9 @@ def main(argv=None):
         return results
 
 
-if __name__ == "__main__":
+def run_cli(main):
+    """Run a command line's main() (train.py, tools/): bad input prints "error: <message>" and
+    exits with status 2, a non-finite loss with status 1; no traceback for either."""
     try:
         main()
     except USER_ERRORS as e:
@@ -433,3 +435,7 @@ if __name__ == "__main__":
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
