@@ -14,7 +14,6 @@ import warnings
 import zipfile
 
 import torch
-from torchvision import transforms
 
 from .model import CheckpointError, build_model
 
@@ -175,6 +174,7 @@ def preprocess(n_px):
     The RGB conversion comes first (openai/CLIP converts after the crop; for RGB input the two
     are identical, and converting first resizes palette images in colour, not by nearest index).
     Grayscale, palette, RGBA and CMYK images all work."""
+    from torchvision import transforms  # here, not at import: it costs ~1 s per process
     return transforms.Compose([
         transforms.Lambda(_to_rgb),
         transforms.Resize(n_px, interpolation=transforms.InterpolationMode.BICUBIC),
