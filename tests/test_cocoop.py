@@ -6,26 +6,19 @@ import torch.nn.functional as F
 import clip
 import cocoop
 import coop
+from conftest import make_tiny_clip
 
 CLASSNAMES = ["cat", "dog", "sea_lion", "red fox", "golden retriever"]
 
 
 def tiny_clip(vision_layers=2, vision_width=64, vision_patch_size=8):
-    torch.manual_seed(0)
-    return clip.CLIP(embed_dim=32, image_resolution=32, vision_layers=vision_layers,
-                     vision_width=vision_width, vision_patch_size=vision_patch_size,
-                     context_length=77, vocab_size=49408, transformer_width=64,
-                     transformer_heads=1, transformer_layers=2).eval()
+    return make_tiny_clip(vision_layers=vision_layers, vision_width=vision_width,
+                          vision_patch_size=vision_patch_size)
 
 
 @pytest.fixture(scope="module")
 def clip_model():
     return tiny_clip()
-
-
-@pytest.fixture
-def images():
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def randomise_meta_net(model, images, seed=2, check=True):

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import clip
 import maple
+from conftest import make_tiny_clip
 
 CLASSNAMES = ["cat", "dog", "sea_lion", "red fox", "golden retriever"]
 N_CTX, DEPTH = 2, 3
@@ -12,22 +13,13 @@ N_CTX, DEPTH = 2, 3
 
 def tiny_clip(layers=4, vision_width=128, vision_layers=None):
     """Text width 64 and vision width 128 differ on purpose (D != Dv)."""
-    torch.manual_seed(0)
-    return clip.CLIP(embed_dim=32, image_resolution=32,
-                     vision_layers=layers if vision_layers is None else vision_layers,
-                     vision_width=vision_width, vision_patch_size=8, context_length=77,
-                     vocab_size=49408, transformer_width=64, transformer_heads=1,
-                     transformer_layers=layers).eval()
+    return make_tiny_clip(vision_layers=layers if vision_layers is None else vision_layers,
+                          vision_width=vision_width, transformer_layers=layers)
 
 
 @pytest.fixture(scope="module")
 def clip_model():
     return tiny_clip()
-
-
-@pytest.fixture
-def images():
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def prompt_text(names=CLASSNAMES, init="a photo of a"):
