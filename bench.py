@@ -5,9 +5,10 @@
     python bench.py --model toy      # the default toy run's model, classes and batch sizes
     python bench.py --quick          # a tiny smoke configuration (used by a test)
 
-Ours: the text encoder runs only the first max(EOT)+1 positions, and CoOp's shared
-[SOS, V_1 .. V_M] once instead of once per class (clip/model.py); class features once per
-evaluation; CoCoOp's B*n_cls prompts in one batch; the frozen image encoder under no_grad.
+Ours: the text encoder runs only the first max(EOT)+1 positions, and the start that prompts
+share ([SOS, V_1 .. V_M], CoOp's for all classes, CoCoOp's per image) once instead of once per
+class (clip/model.py); class features once per evaluation; CoCoOp's B*n_cls prompts in one
+batch; the frozen image encoder under no_grad.
 The reference re-states what the official code computes: all 77 positions, CoCoOp's loop over
 images, text features per test batch, the image encoder inside the recorded forward (frozen
 weights: autograd records nothing there anyway). Both paths run on the same weights and

@@ -62,24 +62,29 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(x.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
-    def forward_shared(self, xp, xs):
-        """Causal attention for prompts that share their first P positions: xp (G, P, D) the
-        shared positions of G groups, xs (G, C, S, D) the other S positions of each group's C
-        prompts -> the same shapes. Equal to attention over the C full (P+S)-position prompts:
-        the shared positions only see themselves, the others see them and their predecessors."""
-        G, C, S, D = xs.shape
-        P, h = xp.shape[1], self.n_head
-        qp, kp, vp = (t.unflatten(-1, (h, D // h)).transpose(-3, -2) for t in F.linear(
-            xp, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))  # (G, h, P, D/h)
-        qs, ks, vs = (t.unflatten(-1, (h, D // h)).transpose(-3, -2).flatten(0, 1) for t in
-                      F.linear(xs, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+    def forward_shared(self, x, G, P, C):
+        """Causal attention for G groups of C prompts whose first P positions are shared by the
+        group. x (G*P + G*C*S, D) holds each distinct position once: the G*P shared ones, then
+        the G*C*S others -> the same shape. Equal to attention over the G*C full (P+S)-position
+        prompts: the shared positions only see themselves, the others see them and their own
+        predecessors."""
+        D, h = x.shape[-1], self.n_head
+        S = (len(x) - G * P) // (G * C)
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+
+        def heads(t, n, length):  # (n*length, D) -> (n, heads, length, D/heads)
+            return t.reshape(n, length, h, D // h).transpose(1, 2)
+
+        qp, kp, vp = (heads(t[:G * P], G, P) for t in (q, k, v))  # (G, h, P, D/h)
+        qs, ks, vs = (heads(t[G * P:], G * C, S) for t in (q, k, v))  # (G*C, h, S, D/h)
         k = torch.cat([kp.repeat_interleave(C, dim=0), ks], dim=2)  # (G*C, h, P+S, D/h)
         v = torch.cat([vp.repeat_interleave(C, dim=0), vs], dim=2)  # (G*C, h, P+S, D/h)
-        seen = torch.ones(S, P + S, dtype=torch.bool, device=xs.device).tril(P)  # i sees <= P+i
+        seen = torch.ones(S, P + S, dtype=torch.bool, device=x.device).tril(P)  # i sees <= P+i
         ys = F.scaled_dot_product_attention(qs, k, v, attn_mask=seen)  # (G*C, h, S, D/h)
         yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (G, h, P, D/h)
-        return (self.out_proj(yp.transpose(1, 2).reshape(G, P, D)),
-                self.out_proj(ys.transpose(1, 2).reshape(G, C, S, D)))
+        y = torch.cat([yp.transpose(1, 2).reshape(G * P, D),
+                       ys.transpose(1, 2).reshape(G * C * S, D)])  # (G*P + G*C*S, D)
+        return self.out_proj(y)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -103,29 +108,29 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x):
         return self._run(self._forward, x)
 
-    def forward_shared(self, xp, xs):
-        """The block for prompts sharing a prefix (Attention.forward_shared): xp (G, P, D),
-        xs (G, C, S, D) -> the same shapes."""
-        return self._run(self._forward_shared, xp, xs)
+    def forward_shared(self, x, G, P, C):
+        """The block for prompts sharing a prefix, x packed as in Attention.forward_shared
+        (G*P + G*C*S, D) -> the same shape. Apart from attention, the block acts on each
+        position alone, so one call covers the shared and the other positions."""
+        return self._run(self._forward_shared, x, G, P, C)
 
-    def _run(self, fn, *xs):
+    def _run(self, fn, *args):
         if self.checkpoint and torch.is_grad_enabled():
             # Keep only the block's input for backward and recompute the block there: the same
             # outputs and gradients for ~1/3 more compute, and a text pass over many prompts
             # (ImageNet's 1000 classes) stores one tensor per block instead of all of them.
             # A flag on the block, so methods that loop over blocks (MaPLe) get it too; grad
             # mode, not self.training, because prompt learners keep CLIP in eval mode.
-            return torch.utils.checkpoint.checkpoint(fn, *xs, use_reentrant=False)
-        return fn(*xs)
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def _forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-    def _forward_shared(self, xp, xs):
-        ap, as_ = self.attn.forward_shared(self.ln_1(xp), self.ln_1(xs))
-        xp, xs = xp + ap, xs + as_
-        return xp + self.mlp(self.ln_2(xp)), xs + self.mlp(self.ln_2(xs))
+    def _forward_shared(self, x, G, P, C):
+        x = x + self.attn.forward_shared(self.ln_1(x), G, P, C)
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
@@ -259,12 +264,14 @@ class CLIP(nn.Module):
             raise ValueError(f"a prompt ends (EOT at {int(eot.min())}) inside the {P} shared "
                              "positions: pass a shorter prefix")
         pos = self.positional_embedding.to(prefix.dtype)
+        C, S, D = len(eot), n - P, prefix.shape[-1]
         xp = prefix + pos[:P]  # (G, P, D)
-        xs = (suffix[:, :n - P] + pos[P:n]).expand(G, -1, -1, -1)  # (G, C, S, D), S = n - P
+        xs = (suffix[:, :S] + pos[P:n]).expand(G, -1, -1, -1)  # (G, C, S, D)
+        x = torch.cat([xp.reshape(G * P, D), xs.reshape(G * C * S, D)])  # (G*P + G*C*S, D)
         for block in self.transformer.resblocks:
-            xp, xs = block.forward_shared(xp, xs)
-        x = self.pool_text(xs.flatten(0, 1), (eot - P).repeat(G))  # (G*C, E), read at EOT
-        return x.view(G, len(eot), -1)  # (G, C, E)
+            x = block.forward_shared(x, G, P, C)
+        x = self.pool_text(x[G * P:].view(G * C, S, D), (eot - P).repeat(G))  # (G*C, E)
+        return x.view(G, C, -1)  # (G, C, E)
 
     def forward(self, images, tokens):
         image_features = F.normalize(self.encode_image(images), dim=-1)  # (B, E)
