@@ -148,7 +148,7 @@ def settings(args):
         import train
         from toy import pretrain, world
         cfg = {m: train.resolve_config(train.parser.parse_args(["--method", m])) for m in methods}
-        base = world.SHAPES[:(len(world.SHAPES) + 1) // 2]  # the base half it trains on
+        base = world.TASK["classes"][:(len(world.TASK["classes"]) + 1) // 2]  # the base half
         return (pretrain.CONFIG, base, dict({m: c["batch_size"] for m, c in cfg.items()},
                                             eval=cfg["coop"]["eval_batch_size"]),
                 {m: {k: c[k] for k in c["model_options"]} for m, c in cfg.items()})
@@ -161,16 +161,18 @@ def build_case(args, case):
     config, names, batch, options = settings(args)
     torch.manual_seed(0)  # the same weights, prompts and inputs in every process
     clip_model = CLIP(**config).to(args.device)
-    method = case.split("-")[0]
-    B = batch["eval" if case == "coop-eval" else method]
+    method, evaluation = case.split("-")[0], case.startswith("coop-eval")
+    B = batch["eval" if evaluation else method]
+    if case.endswith("-big"):  # ImageNet's 1000 classes
+        names = (CALTECH101 * (args.big_classes // 100 + 1))[:args.big_classes]
     if case == "coop-big":  # CoOp #12: ImageNet's 1000 classes run out of memory at batch 1
-        names, B = (CALTECH101 * (args.big_classes // 100 + 1))[:args.big_classes], 1
+        B = 1
     model_class = dict(coop=coop.CoOp, cocoop=cocoop.CoCoOp, maple=maple.MaPLe)[method]
     model = model_class(clip_model, names, **options[method]).to(args.device).train()
     n, gen = config["image_resolution"], torch.Generator().manual_seed(1)
-    if case == "coop-eval":
+    if evaluation:
         batches = [torch.randn(B, 3, n, n, generator=gen).to(args.device)
-                   for _ in range(args.eval_batches)]  # (B, 3, H, W) each
+                   for _ in range(1 if case.endswith("-big") else args.eval_batches)]
         return model, lambda fn, x: fn(model, x), eval_ours, eval_ref, batches
     images = torch.randn(B, 3, n, n, generator=gen).to(args.device)  # (B, 3, H, W)
     labels = torch.randint(len(names), (B,), generator=gen).to(args.device)  # (B,)
@@ -199,10 +201,11 @@ def run_job(args, case, path, out):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() / 2**20 if cuda else memory_mb(args.device)
-    if case != "coop-big":  # warm-up on one image (CoOp's text pass is the full one anyway)
+    big = case.endswith("-big")  # 1000 classes: no warm-up and one timed step (minutes on a CPU)
+    if not big:  # warm-up on one image
         step(fn, [inputs[0][:1]] if case == "coop-eval" else (inputs[0][:1], inputs[1][:1]))
     wall, cpu, outputs = [], [], None
-    for _ in range(1 if case == "coop-big" else args.steps):
+    for _ in range(1 if big else args.steps):
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
         result = step(fn, inputs)
@@ -251,6 +254,8 @@ def main(args):
              "cocoop": f"CoCoOp step (batch {batch['cocoop']})",
              "maple": f"MaPLe step (batch {batch['maple']})",
              "coop-eval": f"CoOp eval ({args.eval_batches}x{batch['eval']} images)"}
+    if args.big_classes:  # ImageNet-size evaluation, where the per-batch text pass is costly
+        cases["coop-eval-big"] = f"  {args.big_classes} classes (1x{batch['eval']})"
     big = [("coop-big", p) for p in ("ours", "ours-ckpt")] if args.big_classes else []
     with tempfile.TemporaryDirectory() as tmp:
         res = run_jobs(args, [(c, p) for c in cases for p in ("ours", "ref")] + big, tmp)
@@ -265,10 +270,14 @@ def main(args):
               f"{r['seconds'] / o['seconds']:>8.2f}x{r['cpu_seconds'] / o['cpu_seconds']:>6.2f}x"
               f"{o['step_mb']:>8.0f}{r['step_mb']:>8.0f}"
               f"{r['step_mb'] / max(o['step_mb'], 1e-9):>9.2f}x{max(diffs[label].values()):>11.1e}")
-    n = args.eval_batches * batch["eval"]
-    print(f"\nevaluation throughput: ours {n / res['coop-eval', 'ours']['seconds']:.1f} images/s,"
-          f" reference {n / res['coop-eval', 'ref']['seconds']:.1f} images/s (class features "
-          f"once vs once per test batch of {batch['eval']})")
+    print(f"\nevaluation throughput, images/s (class features once vs once per test batch of "
+          f"{batch['eval']}):")
+    for case, n in (("coop-eval", args.eval_batches * batch["eval"]), ("coop-eval-big", batch[
+            "eval"])):
+        if (case, "ours") in res:
+            print(f"  {len(names) if case == 'coop-eval' else args.big_classes} classes: ours "
+                  f"{n / res[case, 'ours']['seconds']:.1f}, reference "
+                  f"{n / res[case, 'ref']['seconds']:.1f}")
     print("max |diff| by output: " + "; ".join(f"{label}: " + ", ".join(
         f"{k} {v:.1e}" for k, v in d.items()) for label, d in diffs.items()))
     how = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "CPU peak RSS"
@@ -293,8 +302,9 @@ parser.add_argument("--classes", type=int, default=100, help="classes (vit-b16; 
 parser.add_argument("--steps", type=int, help="timed steps per case, the median is reported "
                     "(default: 1 for vit-b16 on the CPU, else 5)")
 parser.add_argument("--eval-batches", type=int, default=2, help="test batches (default 2)")
-parser.add_argument("--big-classes", type=int, default=1000, help="CoOp memory line with this "
-                    "many classes, with and without checkpointing; 0 skips it")
+parser.add_argument("--big-classes", type=int, default=1000, help="CoOp evaluation and a CoOp "
+                    "step's memory with and without checkpointing at this many classes (default "
+                    "1000, ImageNet's); 0 skips them")
 parser.add_argument("--quick", action="store_true", help="tiny smoke configuration")
 parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # DIR CASE:PATH ...
 

@@ -368,14 +368,7 @@ def main(argv=None):
         state = torch.load(os.path.join(cfg["load"], "prompt_learner.pt"), map_location="cpu",
                            weights_only=True)["prompt_learner"] if cfg["load"] else None
         model = build_model(cfg, clip_model, base, state)
-        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        names = [f"{k} {tuple(p.shape)}" for k, p in trainable]
-        names = names if len(names) <= 12 else names[:6] + [f"... {len(names) - 6} more"]
-        print("trainable parameters:", ", ".join(names),
-              f"= {sum(p.numel() for _, p in trainable):,}")
-        n_ctx = getattr(getattr(model, "prompt_learner", None), "n_ctx", cfg.get("n_ctx"))
-        if n_ctx != cfg.get("n_ctx"):  # CoOp, CoCoOp: n_ctx = the length of ctx_init
-            print(f"note: n_ctx is {n_ctx}, set by ctx_init {cfg['ctx_init']!r}")
+        trainable = print_trainable(model, cfg)
         amp = torch.autocast(torch.device(cfg["device"]).type, dtype=torch.bfloat16,
                              enabled=cfg["precision"] == "amp")
         # ---- train
@@ -389,11 +382,9 @@ def main(argv=None):
         elif cfg["method"] == "linearprobe" and not cfg["eval_only"]:
             # No SGD loop: features of the shots once, then L-BFGS, C chosen on the val shots
             # (CoOp:lpclip uses no augmentation, hence the test transform).
-            for items in (base.train, base.val):
-                loaders.append(data.make_loader(items, data.test_transform(n_px),
-                                                cfg["eval_batch_size"], False, cfg["workers"]))
+            loaders += [test_loader(base.train, cfg, n_px), test_loader(base.val, cfg, n_px)]
             with amp:
-                C, val_acc = model.fit(loaders[-2], loaders[-1])
+                C, val_acc = model.fit(*loaders)
             print(f"linear probe: C {C:.3g}, validation accuracy {val_acc:.1f}%")
             torch.save(dict(prompt_learner=model.prompt_learner.state_dict(), config=cfg),
                        os.path.join(cfg["out"], "prompt_learner.pt"))
@@ -404,24 +395,46 @@ def main(argv=None):
             if subset:  # the "new" model: the same learned prompts, built for the new classes
                 subset_model = model if subset is base else build_model(cfg, clip_model, subset,
                                                                         learned)
-                loaders.append(data.make_loader(subset.test, data.test_transform(n_px),
-                                                cfg["eval_batch_size"], False, cfg["workers"]))
+                loaders.append(test_loader(subset.test, cfg, n_px))
                 accuracy[name] = evaluate(subset_model, loaders[-1], cfg, amp)
                 print(f"* {name} accuracy: {accuracy[name]:.2f}%")
         if new:  # harmonic mean H = 2*B*N/(B+N)
             b, n = accuracy["base"], accuracy["new"]
             accuracy["hm"] = 2 * b * n / (b + n) if b + n else 0.0
-        skipped = len(set().union(*(loader.skipped for loader in loaders)))
-        results = {k: cfg[k] for k in ("method", "dataset", "backbone", "shots", "seed",
-                                       "protocol")}
-        results.update(accuracy=accuracy, train_seconds=round(train_seconds, 1),
-                       skipped_images=skipped, config=cfg)
-        with open(os.path.join(cfg["out"], "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"{cfg['method']} | {cfg['dataset']} | " +
-              " ".join(f"{k} {v:.2f}" for k, v in accuracy.items()) +
-              f" | train {train_seconds:.0f}s | skipped images {skipped} | {cfg['out']}")
-        return results
+        return save_results(cfg, accuracy, train_seconds, loaders)
+
+
+def test_loader(items, cfg, n_px):
+    """Batches of test-transformed (no augmentation) images, in order."""
+    return data.make_loader(items, data.test_transform(n_px), cfg["eval_batch_size"], False,
+                            cfg["workers"])
+
+
+def print_trainable(model, cfg):
+    """Print what will be trained (and n_ctx when ctx_init set it); -> [(name, parameter)]."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    names = [f"{k} {tuple(p.shape)}" for k, p in trainable]
+    names = names if len(names) <= 12 else names[:6] + [f"... {len(names) - 6} more"]
+    print("trainable parameters:", ", ".join(names),
+          f"= {sum(p.numel() for _, p in trainable):,}")
+    n_ctx = getattr(getattr(model, "prompt_learner", None), "n_ctx", cfg.get("n_ctx"))
+    if n_ctx != cfg.get("n_ctx"):  # CoOp, CoCoOp: n_ctx = the length of ctx_init
+        print(f"note: n_ctx is {n_ctx}, set by ctx_init {cfg['ctx_init']!r}")
+    return trainable
+
+
+def save_results(cfg, accuracy, train_seconds, loaders):
+    """results.json in the output folder and the one-line summary; -> the results dict."""
+    skipped = len(set().union(*(loader.skipped for loader in loaders)))
+    results = {k: cfg[k] for k in ("method", "dataset", "backbone", "shots", "seed", "protocol")}
+    results.update(accuracy=accuracy, train_seconds=round(train_seconds, 1),
+                   skipped_images=skipped, config=cfg)
+    with open(os.path.join(cfg["out"], "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"{cfg['method']} | {cfg['dataset']} | " +
+          " ".join(f"{k} {v:.2f}" for k, v in accuracy.items()) +
+          f" | train {train_seconds:.0f}s | skipped images {skipped} | {cfg['out']}")
+    return results
 
 
 def run_cli(main):
