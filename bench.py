@@ -12,10 +12,13 @@ batch; the frozen image encoder under no_grad.
 The reference re-states what the official code computes: all 77 positions, CoCoOp's loop over
 images, text features per test batch, the image encoder inside the recorded forward (frozen
 weights: autograd records nothing there anyway). Both paths run on the same weights and
-inputs, each in a fresh process; their logits, losses and prompt gradients are compared.
-Read the ratios: absolute speed depends on the machine, a ratio from one run much less.
-Memory: the peak during the steps above what the process held before them (model, inputs):
-CUDA max_memory_allocated; CPU the peak resident set size (getrusage), hence a process per job.
+inputs; their logits, losses and prompt gradients are compared.
+Timing: per case, one fresh process runs the reference and ours step after step, and the
+speed-up is the ratio of their median times. Read the ratios: absolute speed depends on the
+machine (and drifts on a shared one), a ratio of neighbouring steps much less.
+Memory: the peak during a step above what the process held before it (model, inputs): CUDA
+max_memory_allocated; CPU the peak resident set size (getrusage), a high-water mark, so the
+reference's is taken where it runs first and ours in a process of its own.
 """
 import argparse
 import os
@@ -182,41 +185,53 @@ def build_case(args, case):
 
 
 # ---------------------------------------------------------------------------------------------
-# Running: every job (case, path) in a fresh process; main() collects and prints.
+# Running: every job (case, "both" | "ours" | "ours-ckpt") in a fresh process; main() collects
+# and prints.
 
-def memory_mb(device):
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB
+def memory_mb():
+    """This process's peak resident set size so far, MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def run_job(args, case, path, out):
-    """One case, one path: warm-up, timed steps, memory; results and outputs saved to `out`."""
+def run_job(args, case, job, out):
+    """One case in this process, results and outputs saved to `out`. job "both": the reference
+    then ours, alternating step by step (a ratio of neighbouring steps in one process is steadier
+    than one across processes); the reference runs first, so its peak memory is its own. job
+    "ours" / "ours-ckpt": ours alone (with checkpointing), for its own peak memory."""
     model, step, ours, ref, inputs = build_case(args, case)
     for block in model.clip_model.transformer.resblocks:
-        block.checkpoint = path == "ours-ckpt"  # what train.py --checkpointing does
-    fn, cuda = ref if path == "ref" else ours, args.device.startswith("cuda")
+        block.checkpoint = job == "ours-ckpt"  # what train.py --checkpointing does
+    paths = dict(ref=ref, ours=ours) if job == "both" else {"ours": ours}
+    cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else lambda: None
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() / 2**20 if cuda else memory_mb(args.device)
     big = case.endswith("-big")  # 1000 classes: no warm-up and one timed step (minutes on a CPU)
-    if not big:  # warm-up on one image
-        step(fn, [inputs[0][:1]] if case == "coop-eval" else (inputs[0][:1], inputs[1][:1]))
-    wall, cpu, outputs = [], [], None
-    for _ in range(1 if big else args.steps):
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = step(fn, inputs)
-        sync()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)  # CPU time of this process, all its threads
-        outputs = outputs or result  # the first timed step's
-    res = dict(seconds=statistics.median(wall), cpu_seconds=statistics.median(cpu),
-               base_mb=base, step_mb=memory_mb(args.device) - base, outputs=to_cpu(outputs))
+    small = [inputs[0][:1]] if case.startswith("coop-eval") else (inputs[0][:1], inputs[1][:1])
+    res = {path: dict(seconds=[], cpu_seconds=[]) for path in paths}
+    for i in range(args.steps if job == "both" and not big else 1):
+        for path, fn in paths.items():
+            r = res[path]
+            if i == 0:  # memory above what the process holds now (model, inputs)
+                sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                r["base_mb"] = torch.cuda.memory_allocated() / 2**20 if cuda else memory_mb()
+                if not big:
+                    step(fn, small)  # warm-up on one image
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            result = step(fn, inputs)
+            sync()
+            r["seconds"].append(time.perf_counter() - t0)
+            r["cpu_seconds"].append(time.process_time() - c0)  # this process, all threads
+            if i == 0:  # CPU: peak RSS, a high-water mark, hence the first path's own only
+                r["step_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
+                                memory_mb()) - r["base_mb"]
+                r["outputs"] = to_cpu(result)
+    for path, r in res.items():
+        r["seconds"], r["cpu_seconds"] = (statistics.median(r[k]) for k in ("seconds",
+                                                                           "cpu_seconds"))
+        print(f"  {case} ({path}): {r['seconds']:.3g} s, {r['step_mb']:.0f} MB", flush=True)
     torch.save(res, out)
-    print(f"  {case} ({path}): {res['seconds']:.2f} s, {res['step_mb']:.0f} MB", flush=True)
 
 
 def to_cpu(x):
@@ -224,8 +239,8 @@ def to_cpu(x):
 
 
 def run_jobs(args, jobs, tmp):
-    """{(case, path): result}. One job per fresh process, one at a time, so that memory is the
-    job's own and timings do not interfere; --quick (a smoke test, its numbers mean nothing)
+    """{(case, job): {path: result}}. One job per fresh process, one at a time, so that memory
+    is the job's own and timings do not interfere; --quick (a smoke test, its numbers mean nothing)
     runs all jobs in one process, to import torch once."""
     for group in [jobs] if args.quick else [[job] for job in jobs]:
         cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", tmp,
@@ -258,36 +273,39 @@ def main(args):
         cases["coop-eval-big"] = f"  {args.big_classes} classes (1x{batch['eval']})"
     big = [("coop-big", p) for p in ("ours", "ours-ckpt")] if args.big_classes else []
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_jobs(args, [(c, p) for c in cases for p in ("ours", "ref")] + big, tmp)
+        res = run_jobs(args, [(c, job) for c in cases for job in ("both", "ours")] + big, tmp)
     head = (f"{'case':<27}{'ours s':>8}{'ref s':>8}{'speed-up':>9}{'(cpu)':>7}{'ours MB':>8}"
             f"{'ref MB':>8}{'mem ratio':>10}{'max |diff|':>11}")
     print(f"\n{head}\n{'-' * len(head)}")
     diffs = {}
     for case, label in cases.items():
-        o, r = res[case, "ours"], res[case, "ref"]
+        o, r = res[case, "both"]["ours"], res[case, "both"]["ref"]  # timed side by side
+        o_mb = res[case, "ours"]["ours"]["step_mb"]  # ours alone in its process
         diffs[label] = max_diffs(o["outputs"], r["outputs"])
         print(f"{label:<27}{o['seconds']:>8.3g}{r['seconds']:>8.3g}"
               f"{r['seconds'] / o['seconds']:>8.2f}x{r['cpu_seconds'] / o['cpu_seconds']:>6.2f}x"
-              f"{o['step_mb']:>8.0f}{r['step_mb']:>8.0f}"
-              f"{r['step_mb'] / max(o['step_mb'], 1e-9):>9.2f}x{max(diffs[label].values()):>11.1e}")
+              f"{o_mb:>8.0f}{r['step_mb']:>8.0f}"
+              + (f"{r['step_mb'] / o_mb:>9.2f}x" if o_mb >= 1 else f"{'-':>10}")  # < 1 MB: noise
+              + f"{max(diffs[label].values()):>11.1e}")
     print(f"\nevaluation throughput, images/s (class features once vs once per test batch of "
           f"{batch['eval']}):")
     for case, n in (("coop-eval", args.eval_batches * batch["eval"]), ("coop-eval-big", batch[
             "eval"])):
-        if (case, "ours") in res:
+        if (case, "both") in res:
+            t = res[case, "both"]
             print(f"  {len(names) if case == 'coop-eval' else args.big_classes} classes: ours "
-                  f"{n / res[case, 'ours']['seconds']:.1f}, reference "
-                  f"{n / res[case, 'ref']['seconds']:.1f}")
+                  f"{n / t['ours']['seconds']:.1f}, reference {n / t['ref']['seconds']:.1f}")
     print("max |diff| by output: " + "; ".join(f"{label}: " + ", ".join(
         f"{k} {v:.1e}" for k, v in d.items()) for label, d in diffs.items()))
     how = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "CPU peak RSS"
     print(f"speed-up: wall clock; (cpu): process CPU time, steadier on a shared machine. MB: peak "
           f"memory of the steps above the loaded model and inputs ({how}; CoOp's process held "
-          f"{res['coop', 'ours']['base_mb']:.0f} MB before them)")
+          f"{res['coop', 'ours']['ours']['base_mb']:.0f} MB before them)")
     for job in big:
+        r = res[job]["ours"]
         print(f"CoOp, {args.big_classes} classes, batch 1, ours"
-              f"{' + checkpointing' if job[1] == 'ours-ckpt' else ''}: {res[job]['seconds']:.1f}"
-              f" s, {res[job]['step_mb']:.0f} MB")
+              f"{' + checkpointing' if job[1] == 'ours-ckpt' else ''}: {r['seconds']:.1f} s, "
+              f"{r['step_mb']:.0f} MB")
     if big:
         print("(the reference is not run with that many classes: it keeps the activations of "
               "all 77 positions of every prompt)")
@@ -300,7 +318,7 @@ parser.add_argument("--model", default="vit-b16", choices=["vit-b16", "toy"],
                     help="ViT-B/16 sizes, or the toy CLIP with the default toy run's settings")
 parser.add_argument("--classes", type=int, default=100, help="classes (vit-b16; default 100)")
 parser.add_argument("--steps", type=int, help="timed steps per case, the median is reported "
-                    "(default: 1 for vit-b16 on the CPU, else 5)")
+                    "(default: 1 for vit-b16 on the CPU, 20 for toy (milliseconds each), else 5)")
 parser.add_argument("--eval-batches", type=int, default=2, help="test batches (default 2)")
 parser.add_argument("--big-classes", type=int, default=1000, help="CoOp evaluation and a CoOp "
                     "step's memory with and without checkpointing at this many classes (default "
@@ -312,7 +330,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     args.big_classes = 0 if args.quick else args.big_classes
     if args.steps is None:
-        args.steps = 1 if args.quick or (args.model == "vit-b16" and args.device == "cpu") else 5
+        args.steps = 1 if args.quick or (args.model == "vit-b16" and args.device == "cpu") else \
+            20 if args.model == "toy" else 5
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"error: --device {args.device}, but torch finds no CUDA GPU; use cpu")
     if args.worker:  # DIR CASE:PATH ...: run those jobs here, results to DIR/CASE_PATH.pt

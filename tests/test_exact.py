@@ -191,9 +191,10 @@ def test_bench_quick_prints_the_table():
                      r"+max \|diff\|", out), out
     num = r" +([\d.e+-]+)"
     rows = re.findall(rf"^(CoOp step|CoCoOp step|MaPLe step|CoOp eval) \(.*?\){num}{num}{num}x"
-                      rf"{num}x{num}{num}{num}x +(\S+)$", out, flags=re.M)
+                      rf"{num}x{num}{num} +(?:[\d.]+x|-) +(\S+)$", out, flags=re.M)
     assert [r[0] for r in rows] == ["CoOp step", "CoCoOp step", "MaPLe step", "CoOp eval"], out
     for row in rows:  # timings were measured, and the outputs are identical
-        assert min(float(x) for x in row[1:8]) >= 0 and float(row[1]) > 0, row
-        assert float(row[8]) < 1e-4, row
-    assert "evaluation throughput: ours" in out
+        assert min(float(x) for x in row[1:7]) >= 0 and float(row[1]) > 0, row
+        assert float(row[7]) < 1e-4, row
+    assert re.search(r"evaluation throughput, images/s .*\n  10 classes: ours [\d.]+, reference "
+                     r"[\d.]+", out), out
