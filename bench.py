@@ -227,10 +227,13 @@ def run_job(args, case, job, out):
                 r["step_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
                                 memory_mb()) - r["base_mb"]
                 r["outputs"] = to_cpu(result)
-    for path, r in res.items():
+    for r in res.values():
         r["seconds"], r["cpu_seconds"] = (statistics.median(r[k]) for k in ("seconds",
                                                                            "cpu_seconds"))
-        print(f"  {case} ({path}): {r['seconds']:.3g} s, {r['step_mb']:.0f} MB", flush=True)
+    o = res["ours"]
+    print(f"  {case}: reference {res['ref']['seconds']:.3g} s, {res['ref']['step_mb']:.0f} MB; "
+          f"ours {o['seconds']:.3g} s" if job == "both" else
+          f"  {case}, {job}: {o['seconds']:.3g} s, {o['step_mb']:.0f} MB", flush=True)
     torch.save(res, out)
 
 
