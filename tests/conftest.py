@@ -1,14 +1,15 @@
 """Shared test helpers: a tiny random CLIP in OpenAI's layout, and a batch of images for it."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clip
 
 
-def make_tiny_clip(**overrides):
+def make_tiny_clip(seed=0, **overrides):
     """A tiny random CLIP (seeded): ViT 32x32 px, patch 8, text width 64, embed dim 32.
     Keyword arguments override clip.CLIP's (e.g. vision_width=128 to make D != Dv)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
                   vision_patch_size=8, context_length=77, vocab_size=49408,
                   transformer_width=64, transformer_heads=1, transformer_layers=2)
@@ -18,3 +19,21 @@ def make_tiny_clip(**overrides):
 @pytest.fixture
 def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def check_step_changes_only_prompts(model, images, labels):
+    """One SGD step of a prompt-learning model: every prompt parameter gets a gradient and
+    moves; every CLIP tensor (weights and buffers, e.g. BatchNorm statistics) stays equal."""
+    before_clip = {k: v.clone() for k, v in model.clip_model.state_dict().items()}
+    before_pl = {k: v.clone() for k, v in model.prompt_learner.state_dict().items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in params} == {id(p) for p in model.prompt_learner.parameters()}
+    opt = torch.optim.SGD(params, lr=0.5, momentum=0.9)  # no weight decay: moves = gradients
+    F.cross_entropy(model(images), labels).backward()
+    for name, p in model.prompt_learner.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    opt.step()
+    for k, v in model.clip_model.state_dict().items():
+        assert torch.equal(v, before_clip[k]), k
+    for k, v in model.prompt_learner.state_dict().items():
+        assert not torch.equal(v, before_pl[k]), k

@@ -8,20 +8,16 @@ import torch.nn.functional as F
 import clip
 import finetune
 import linearprobe
+from conftest import make_tiny_clip
 
 NAMES = ["cat", "sea_lion", "red fox"]
 
 
 def tiny_clip(seed=0, resnet=False):
-    torch.manual_seed(seed)
     if resnet:  # ModifiedResNet tower: one bottleneck per stage, BatchNorm everywhere
-        return clip.CLIP(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1),
-                         vision_width=16, vision_patch_size=None, context_length=77,
-                         vocab_size=49408, transformer_width=64, transformer_heads=1,
-                         transformer_layers=2).eval()
-    return clip.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                     vision_patch_size=8, context_length=77, vocab_size=49408,
-                     transformer_width=64, transformer_heads=1, transformer_layers=2).eval()
+        return make_tiny_clip(seed, image_resolution=64, vision_layers=(1, 1, 1, 1),
+                              vision_width=16, vision_patch_size=None)
+    return make_tiny_clip(seed)
 
 
 def sgd_step(model, n_px=32, steps=1):

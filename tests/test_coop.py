@@ -8,16 +8,14 @@ import torch.nn.functional as F
 import clip
 import coop
 from clip.tokenizer import EOT_TOKEN, encode
+from conftest import make_tiny_clip
 
 NAMES = ["cat", "sea_lion", "golden retriever", "red fox", "airplane"]
 
 
-def tiny_clip(width=64, heads=1, layers=2, embed_dim=32, seed=0):
-    torch.manual_seed(seed)
-    return clip.CLIP(embed_dim=embed_dim, image_resolution=32, vision_layers=2, vision_width=64,
-                     vision_patch_size=8, context_length=77, vocab_size=49408,
-                     transformer_width=width, transformer_heads=heads,
-                     transformer_layers=layers).eval()
+def tiny_clip(width=64, heads=1, layers=2, seed=0):
+    return make_tiny_clip(seed, transformer_width=width, transformer_heads=heads,
+                          transformer_layers=layers)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import cocoop
 import coop
 import maple
 import train
+from conftest import make_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Prompts of different lengths (1 to 5 class-name tokens), so EOT positions differ per class.
@@ -27,11 +28,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 @pytest.fixture(scope="module")
 def clip_model():
-    torch.manual_seed(0)
-    return clip.model.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                           vision_patch_size=8, context_length=77, vocab_size=49408,
-                           transformer_width=64, transformer_heads=1,
-                           transformer_layers=2).eval()
+    return make_tiny_clip()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +69,7 @@ def test_encode_text_shared_equals_full_prompts(clip_model, heads):
     image): the shared path equals encoding the (G*C) full prompts."""
     torch.manual_seed(0)
     if heads > 1:
-        clip_model = clip.model.CLIP(32, 32, 1, 64, 8, 77, 49408, 64, heads, 2).eval()
+        clip_model = make_tiny_clip(vision_layers=1, transformer_heads=heads)
     tokens = clip.tokenize([f"X X X X {n.replace('_', ' ')}." for n in NAMES])  # (C, 77)
     suffix = clip_model.token_embedding(tokens[:, 5:])  # (C, 72, D)
     prefix = torch.randn(2, 5, 64, requires_grad=True)  # (G, P, D): SOS + 4 context, 2 groups

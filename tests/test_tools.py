@@ -15,6 +15,7 @@ import clip
 import data
 import train
 from tools import interpret, predict, reproduce, summarise
+from conftest import make_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["cat", "dog", "red fox", "sea_lion"]
@@ -25,10 +26,7 @@ def world(tmp_path_factory):
     """A tiny CLIP checkpoint, 4 classes x 6 images (test split: 2 per class), and two CoOp runs:
     few-shot (all classes, 2 epochs: the context moves) and base-to-new (1 warm-up epoch)."""
     tmp = tmp_path_factory.mktemp("tools")
-    torch.manual_seed(0)
-    tiny = clip.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                     vision_patch_size=8, context_length=77, vocab_size=49408,
-                     transformer_width=64, transformer_heads=1, transformer_layers=2)
+    tiny = make_tiny_clip()
     torch.save(tiny.state_dict(), tmp / "tiny.pt")
     rng = np.random.default_rng(0)
     for c in CLASSES:
@@ -99,9 +97,7 @@ def test_predict_bad_inputs_get_clear_errors(world, tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty").mkdir()
     torch.save({"weights": torch.zeros(3)}, tmp_path / "random.pt")
-    other = clip.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                      vision_patch_size=8, context_length=77, vocab_size=49408,
-                      transformer_width=128, transformer_heads=2, transformer_layers=2)
+    other = make_tiny_clip(transformer_width=128, transformer_heads=2)
     (tmp_path / "moved").mkdir()
     torch.save(other.state_dict(), tmp_path / "moved" / "tiny.pt")  # same name, other widths
     cases = [([str(tmp_path / "notes.txt")], "none of the 1 files is an image"),

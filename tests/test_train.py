@@ -11,6 +11,7 @@ from PIL import Image
 
 import clip
 import train
+from conftest import make_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,10 +30,7 @@ def folder_dataset(root, classes, per_class=6, seed=0):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    tiny = clip.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                     vision_patch_size=8, context_length=77, vocab_size=49408,
-                     transformer_width=64, transformer_heads=1, transformer_layers=2)
+    tiny = make_tiny_clip()
     ckpt = str(tmp / "tiny.pt")
     torch.save(tiny.state_dict(), ckpt)
     return dict(tmp=tmp, ckpt=ckpt,
