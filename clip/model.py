@@ -9,8 +9,9 @@ renaming. Three deliberate differences from the original, none of which changes 
 - seams for prompt learning: `encode_text_embeddings` encodes token *embeddings* (what prompt
   learners build), and the vision tower splits into `embed` -> `ln_pre` -> blocks -> `head`, so a
   method (MaPLe) can drive the blocks itself without forking this file; `encode_text_shared`
-  encodes prompts that start alike (CoOp's context) without repeating the common start, and
-  blocks can recompute their activations in backward (`checkpoint`) to save memory.
+  encodes prompts that start alike (CoOp's context; CoCoOp's, per image) without repeating
+  the common start, and blocks can recompute their activations in backward (`checkpoint`) to
+  save memory.
 
 Shape legend: B images, N texts, L text positions (77), D text width, Dv vision width,
 P patches, E joint embedding dim.
@@ -252,8 +253,9 @@ class CLIP(nn.Module):
 
     def encode_text_shared(self, prefix, suffix, tokens):
         """encode_text_embeddings for prompts that all start with the same P embeddings, as
-        CoOp's [SOS, V_1 .. V_M] before each class name: prefix (G, P, D) for G groups, suffix
-        (C, L-P, D) the rest of C prompts (the same in every group), tokens (C, L) -> (G, C, E).
+        CoOp's [SOS, V_1 .. V_M] before each class name (one group) or CoCoOp's, one group per
+        image: prefix (G, P, D) for G groups, suffix (C, L-P, D) the rest of C prompts (the same
+        in every group), tokens (C, L) -> (G, C, E).
         Exact shortcut: attention is causal, so the shared positions never see what follows
         them; they are computed once per group instead of once per prompt (CoOp with 16
         context tokens: 17 of ~22 positions), and the other positions attend to them."""
