@@ -27,7 +27,6 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import clip
@@ -37,9 +36,10 @@ import data
 import finetune
 import linearprobe
 import maple
+import zeroshot
 
 # name -> (method file, model class). Each method file has DEFAULTS and its model a
-# .prompt_learner holding every trained parameter. "zeroshot" is ZeroShot below.
+# .prompt_learner holding every trained parameter. "zeroshot" (zeroshot.py) trains nothing.
 METHODS = {"coop": (coop, coop.CoOp), "cocoop": (cocoop, cocoop.CoCoOp),
            "maple": (maple, maple.MaPLe),
            # the baselines the notes argue against: full fine-tuning and the linear probe
@@ -69,10 +69,6 @@ TOY = {"coop": dict(epochs=50),  # 200 epochs of 6 classes x 16 shots are not ne
        "maple": dict(prompt_depth=3, lr=0.002),
        "finetune": dict(epochs=50),  # long enough to see forgetting (10 epochs still help)
        "linearprobe": dict()}
-# CoOp:trainers/zsclip.py IMAGENET_TEMPLATES_SELECT, for --ensemble
-ENSEMBLE_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.",
-                      "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
-                      "a photo of the small {}."]
 MODEL_OPTIONS = ("n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth",
                  "finetune_part")
 # Bad input: reported as "error: <message>", exit status 2, no traceback. Anything else is a bug.
@@ -134,28 +130,6 @@ g.add_argument("--template", help="zeroshot: own template, e.g. 'a blurry photo 
                "(default: the dataset's, CoOp's CUSTOM_TEMPLATES)")
 g.add_argument("--ensemble", action="store_true", default=None, help="zeroshot: average the "
                "features of 7 ImageNet templates and the dataset's (prompt ensembling)")
-
-
-class ZeroShot(nn.Module):
-    """Zero-shot CLIP (CoOp:trainers/zsclip.py): hand-written prompts, nothing learned. Several
-    templates: average the normalised text features, normalise again (prompt ensembling)."""
-
-    def __init__(self, clip_model, classnames, templates):
-        super().__init__()
-        self.clip_model = clip_model.requires_grad_(False)
-        tokens = [clip.tokenize([t.format(c) for c in classnames]) for t in templates]
-        self.register_buffer("tokens", torch.stack(tokens).to(clip_model.logit_scale.device),
-                             persistent=False)  # (templates, n_cls, L)
-
-    def text_features(self):
-        feats = torch.stack([F.normalize(self.clip_model.encode_text(t), dim=-1)
-                             for t in self.tokens])  # (templates, n_cls, E)
-        return F.normalize(feats.mean(0), dim=-1)  # (n_cls, E)
-
-    def forward(self, images, text_features=None):
-        f = F.normalize(self.clip_model.encode_image(images), dim=-1)  # (B, E)
-        g = self.text_features() if text_features is None else text_features
-        return self.clip_model.logit_scale.exp() * f @ g.t()  # (B, n_cls)
 
 
 class Tee:
@@ -255,8 +229,8 @@ def build_model(cfg, clip_model, ds, state=None):
         template = cfg["template"] or ds.template  # CoOp's CUSTOM_TEMPLATES (data.DATASETS)
         # NOTE(official code): ZeroshotCLIP2 adds the dataset's template except for ImageNet.
         extra = [] if ds.name == "imagenet" and not cfg["template"] else [template]
-        return ZeroShot(clip_model, ds.classnames,
-                        ENSEMBLE_TEMPLATES + extra if cfg["ensemble"] else [template])
+        return zeroshot.ZeroShot(clip_model, ds.classnames, zeroshot.ENSEMBLE_TEMPLATES + extra
+                                 if cfg["ensemble"] else [template])
     model_class = METHODS[cfg["method"]][1]
     options = {k: cfg[k] for k in cfg["model_options"]}
     if cfg["method"] == "finetune":  # start from exactly zero-shot CLIP's classifier

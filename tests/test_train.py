@@ -11,6 +11,7 @@ from PIL import Image
 
 import clip
 import train
+import zeroshot
 from conftest import make_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +117,7 @@ def test_zeroshot_with_own_template_and_ensemble(world):
 def test_zeroshot_ensemble_averages_normalised_features(world):
     clip_model = clip.load(world["ckpt"], "cpu")[0]
     templates = ["a photo of a {}.", "art of the {}."]
-    model = train.ZeroShot(clip_model, ["cat", "dog"], templates)
+    model = zeroshot.ZeroShot(clip_model, ["cat", "dog"], templates)
     with torch.no_grad():
         feats = [torch.nn.functional.normalize(clip_model.encode_text(
             clip.tokenize([t.format(c) for c in ["cat", "dog"]])), dim=-1) for t in templates]
