@@ -331,7 +331,8 @@ parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)"
 parser.add_argument("--model", default="vit-b16", choices=["vit-b16", "toy"],
                     help="ViT-B/16 sizes, or the toy CLIP with the default toy run's settings")
 parser.add_argument("--classes", type=int, default=100, help="classes (vit-b16; default 100)")
-parser.add_argument("--steps", type=int, help="timed steps per case, the median is reported "
+parser.add_argument("--steps", type=int, help="at least this many timed steps per case, the "
+                    "median is reported "
                     "(default: 1 for vit-b16 on the CPU, 20 for toy (milliseconds each), else 5)")
 parser.add_argument("--min-seconds", type=float, default=30, help="time steps until one path "
                     "has run this long in total (at most 10 steps; default 30)")
