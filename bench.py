@@ -15,8 +15,8 @@ weights: autograd records nothing there anyway). Both paths run on the same weig
 inputs; their logits, losses and prompt gradients are compared.
 Timing: per case, one fresh process runs the reference and ours step after step (at least
 --steps, more until one path has run --min-seconds), and the speed-up is the ratio of their
-median times. Read the ratios: absolute speed depends on the
-machine (and drifts on a shared one), a ratio of neighbouring steps much less.
+median times. Read the ratios: absolute speed depends on the machine (and drifts on a shared
+one), a ratio of neighbouring steps much less.
 Memory: the peak during a step above what the process held before it (model, inputs): CUDA
 max_memory_allocated; CPU the peak resident set size (getrusage), a high-water mark, so the
 reference's is taken where it runs first and ours in a process of its own.
