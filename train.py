@@ -358,9 +358,10 @@ def main(argv=None):
         elif cfg["method"] == "linearprobe" and not cfg["eval_only"]:
             # No SGD loop: features of the shots once, then L-BFGS, C chosen on the val shots
             # (CoOp:lpclip uses no augmentation, hence the test transform).
-            loaders += [test_loader(base.train, cfg, n_px), test_loader(base.val, cfg, n_px)]
+            shots = [test_loader(base.train, cfg, n_px), test_loader(base.val, cfg, n_px)]
+            loaders += shots
             with amp:
-                C, val_acc = model.fit(*loaders)
+                C, val_acc = model.fit(*shots)  # (train loader, val loader)
             print(f"linear probe: C {C:.3g}, validation accuracy {val_acc:.1f}%")
             torch.save(dict(prompt_learner=model.prompt_learner.state_dict(), config=cfg),
                        os.path.join(cfg["out"], "prompt_learner.pt"))
