@@ -196,7 +196,9 @@ class CoCoOp(nn.Module):
         n_cls = len(suffix)
         if self.chunk_size is None or self.chunk_size >= len(prefix) * n_cls:
             return g(prefix, suffix, pl.tokenized_prompts)  # (B, n_cls, E)
-        step = max(1, self.chunk_size // len(prefix))  # classes per chunk, for all B images
+        # Classes per chunk, for all B images; each chunk re-encodes the B shared starts (1+M
+        # positions per image: small next to the chunk's B*step class parts).
+        step = max(1, self.chunk_size // len(prefix))
         outs = []
         for c in range(0, n_cls, step):
             args = prefix, suffix[c:c + step], pl.tokenized_prompts[c:c + step]
