@@ -37,3 +37,12 @@ def check_step_changes_only_prompts(model, images, labels):
         assert torch.equal(v, before_clip[k]), k
     for k, v in model.prompt_learner.state_dict().items():
         assert not torch.equal(v, before_pl[k]), k
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    """A data root holding the rendered toy task (toy/world.py), shared by the whole session."""
+    from toy import world
+    root = tmp_path_factory.mktemp("toy_data")
+    world.ensure_dataset(str(root))
+    return str(root)

@@ -208,3 +208,45 @@ def test_fp16_needs_gpu(tmp_path):
     torch.save(golden("tiny_vit")["state_dict"], path)
     with pytest.raises(ValueError, match="fp16 weights need a GPU"):
         clip.load(str(path), device="cpu", fp16=True)
+
+
+@pytest.mark.parametrize("tower", ["text", "vision"])
+def test_multi_head_attention_equals_torch_multihead_attention(tower):
+    """Every block's attention, in both towers, with 2 and 4 heads (the golden models have one
+    head): our Attention equals nn.MultiheadAttention with the same weights, causal for text."""
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128,
+                 vision_patch_size=8, context_length=77, vocab_size=49408,
+                 transformer_width=256, transformer_heads=4, transformer_layers=2).eval()
+    blocks = (model.transformer if tower == "text" else model.visual.transformer).resblocks
+    width, heads = (256, 4) if tower == "text" else (128, 2)  # vision heads = width // 64
+    assert all(b.attn.n_head == heads for b in blocks)
+    x = torch.randn(3, 17, width)  # (B, L, D)
+    mask = torch.triu(torch.full((17, 17), float("-inf")), 1) if tower == "text" else None
+    for block in blocks:
+        mha = torch.nn.MultiheadAttention(width, heads, batch_first=True).eval()
+        mha.load_state_dict(block.attn.state_dict())  # the same parameter names
+        with torch.no_grad():
+            want = mha(x, x, x, attn_mask=mask, need_weights=False)[0]
+            torch.testing.assert_close(block.attn(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_shipped_toy_clip_loads_and_reads_the_toy_world():
+    """clip.load("toy"): the committed checkpoint, its architecture, and a sanity check that
+    the weights are the trained ones: "an outline of a {}." names the outlined test shapes."""
+    from toy import pretrain, world
+    model, preprocess = clip.load("toy", "cpu")
+    assert "toy" in clip.available_models() and model.dtype == torch.float32
+    assert config_from_state_dict(model.state_dict()) == pretrain.CONFIG
+    images, labels, _ = world.task_split("test")
+    pick = slice(0, None, 16)  # 60 images, 5 per class
+    x = torch.stack([preprocess(Image.fromarray(im)) for im in images[pick]])  # (60, 3, 32, 32)
+    names = world.TASK["classes"]
+    with torch.no_grad():
+        f = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+        acc = {}
+        for template in ("an outline of a {}.", "a photo of a {}."):
+            g = torch.nn.functional.normalize(model.encode_text(
+                clip.tokenize([template.format(c) for c in names])), dim=-1)
+            acc[template] = (f @ g.t()).argmax(-1).eq(torch.tensor(labels[pick])).float().mean()
+    assert acc["an outline of a {}."] >= 0.95 > acc["a photo of a {}."] >= 0.5

@@ -362,3 +362,23 @@ def test_train_loader_drops_last_and_is_seeded(tmp_path):
     assert torch.equal(order[0], order[1])
     test_labels = torch.cat([y for _, y in data.make_loader(xs, data.test_transform(8), 4, False)])
     assert test_labels.tolist() == [i % 3 for i in range(10)]  # eval: all, in order
+
+
+def test_test_transform_keeps_the_aspect_and_crops_the_centre():
+    """Aspect-preserving resize of the short side, then a centre crop (CoOp #8): on a 96x48
+    image a centred 24x24 square stays square (a plain resize would squash it to 12x24) and the
+    red bands at the far left and right fall outside the crop."""
+    from clip import MEAN, STD
+    image = Image.new("RGB", (96, 48), (0, 0, 0))
+    image.paste((255, 255, 255), (36, 12, 60, 36))  # 24x24 white square in the centre
+    image.paste((255, 0, 0), (0, 0, 12, 48))  # red bands at both ends
+    image.paste((255, 0, 0), (84, 0, 96, 48))
+    x = data.test_transform(32)(image)  # short side 48 -> 32: the square becomes 16x16
+    assert x.shape == (3, 32, 32)
+    white = x[1] > (0.5 - MEAN[1]) / STD[1]  # the green channel: white only, not red
+    rows, cols = white.any(1).nonzero(), white.any(0).nonzero()
+    assert rows.numel() == cols.numel() and abs(rows.numel() - 16) <= 1
+    assert (rows.min() + rows.max()) / 2 == pytest.approx(15.5, abs=0.6)
+    assert (cols.min() + cols.max()) / 2 == pytest.approx(15.5, abs=0.6)
+    red = (x[0] > (0.5 - MEAN[0]) / STD[0]) & ~white
+    assert not red.any()  # the crop keeps the middle 32 of 64 columns

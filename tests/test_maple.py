@@ -199,3 +199,26 @@ def test_defaults_are_the_papers():
     d = maple.DEFAULTS
     assert (d["n_ctx"], d["ctx_init"], d["prompt_depth"], d["lr"], d["epochs"],
             d["batch_size"], d["shots"]) == (2, "a photo of a", 9, 0.0035, 5, 4, 16)
+
+
+def test_coupling_restated(clip_model, images):
+    """P~_0 = F_0(P_0) and P~_k = F_k(P_k), written out as matrix products, are what enters the
+    vision blocks: appended (through ln_pre) at layer 0, in the last n_ctx slots at layer k."""
+    model = maple.MaPLe(clip_model, CLASSNAMES, prompt_depth=DEPTH)
+    pl = model.prompt_learner
+    with torch.no_grad():
+        for p in pl.parameters():  # away from the initialisation (F_1 = F_2 there)
+            p.add_(0.1 * torch.randn_like(p))
+        F = [pl.proj, *pl.compound_prompt_projections]  # F_0 .. F_{J-1}
+        P = [pl.ctx, *pl.compound_prompts_text]  # P_0 .. P_{J-1}
+        want = [P[k] @ F[k].weight.t() + F[k].bias for k in range(DEPTH)]  # (n_ctx, Dv) each
+        seen, handles = record_blocks(clip_model, pre=True)
+        model(images)
+    for h in handles:
+        h.remove()
+    vision = seen["vision"]
+    torch.testing.assert_close(vision[0][:, -N_CTX:],
+                               clip_model.visual.ln_pre(want[0]).expand(2, -1, -1))
+    for k in range(1, DEPTH):
+        torch.testing.assert_close(vision[k][:, -N_CTX:], want[k].expand(2, -1, -1))
+    assert not torch.allclose(want[1], want[2])  # each layer its own coupled prompt
