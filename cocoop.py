@@ -21,7 +21,8 @@ precise", 专而精) and CLIP's hand-written prompt ("broad but coarse", 广而�
 Symbol -> code:
     M <-> n_ctx            v_m <-> ctx[m]               c_i <-> class tokens in token_suffix[i]
     h_theta <-> meta_net   pi <-> bias                  x <-> image_features (L2-normalised)
-    g(.) <-> clip_model.encode_text_shared              tau <-> 1 / clip_model.logit_scale.exp()
+    t_i(x) <-> PromptLearner.forward(x)[:, i]          tau <-> 1 / clip_model.logit_scale.exp()
+    g(.) <-> clip_model.encode_text_embeddings (in CoCoOp.encode_text's batched pass)
 
 Shape legend: B images, n_cls classes, n_ctx context tokens (M), L prompt positions kept (up to
 the longest prompt's EOT, <= 77), D text width (512 for ViT-B/16), E joint embedding dim (512).
@@ -95,8 +96,10 @@ class PromptLearner(nn.Module):
             # "X X ... X" only reserves n_ctx positions, so that the tokenized prompt has the
             # right length and its EOT sits where the text encoder will read the feature.
             prefix = " ".join(["X"] * n_ctx)
-        # NOTE(simplification): learned tensors are fp32 even for an fp16 CLIP (the official
-        # fp16 mode updates fp16 weights with no master copy).
+        # Precision, the same in every method file here: learned tensors are fp32 and the
+        # frozen CLIP casts them to its own dtype where they enter it (fp16 after
+        # clip.load(fp16=True)). NOTE(simplification): the official fp16 mode converts ctx and
+        # the meta-net to fp16 and lets SGD update fp16 values directly.
         self.ctx = nn.Parameter(ctx_vectors)  # (n_ctx, D)
         # Meta-Net: a Linear-ReLU-Linear bottleneck that shrinks E by 16 (E=512: hidden 32).
         self.meta_net = nn.Sequential(OrderedDict([
@@ -130,8 +133,7 @@ class PromptLearner(nn.Module):
         return self.ctx + bias[:, None, :]  # (B, n_ctx, D)   v_m(x) = v_m + pi
 
     def forward(self, image_features):
-        """Normalised image features (B, E) -> one prompt per image and class (B, n_cls, L, D).
-        (CoCoOp.forward encodes the same prompts without building them: see there.)"""
+        """Normalised image features (B, E) -> one prompt per image and class (B, n_cls, L, D)."""
         ctx = self.context(image_features)  # (B, n_ctx, D)
         B, n_cls = ctx.shape[0], self.token_prefix.shape[0]
         ctx = ctx[:, None].expand(-1, n_cls, -1, -1)  # (B, n_cls, n_ctx, D)
@@ -143,13 +145,12 @@ class PromptLearner(nn.Module):
 class CoCoOp(nn.Module):
     """Frozen CLIP + PromptLearner. forward(images) -> logits (B, n_cls); no loss inside.
 
-    chunk_size: at most this many prompts (of the B*n_cls) per text-encoder pass, split by
-    classes (at least one class for all B images); None: all in one pass. Without gradients
-    (evaluation, test batch 100) chunks cost nothing extra. When training, a chunked pass is
-    recomputed in backward (activation checkpointing, about a third more text-encoder work), so
-    the stored activations are one chunk's instead of all B*n_cls sequences'. The default 1024
-    leaves the paper's setting (batch 1, <= 1000 classes) in one pass. The result is the same
-    either way (up to float rounding)."""
+    chunk_size: at most this many of the B*n_cls prompts per text-encoder pass; None: all in
+    one pass. Without gradients (evaluation, test batch 100) chunks cost nothing extra. When
+    training, each chunk is recomputed in backward (activation checkpointing, about a third more
+    text-encoder work), so the stored activations are one chunk's instead of all B*n_cls
+    sequences'. The default 1024 leaves the paper's setting (batch 1, <= 1000 classes) in one
+    pass. The result is the same either way (up to float rounding)."""
 
     def __init__(self, clip_model, classnames, n_ctx=4, ctx_init="a photo of a",
                  chunk_size=1024):
@@ -171,42 +172,32 @@ class CoCoOp(nn.Module):
         with torch.no_grad():  # the image encoder is frozen: no graph needed
             image_features = F.normalize(self.clip_model.encode_image(images), dim=-1)  # (B, E)
         # NOTE(official code): the meta-net reads the L2-normalised feature, not the raw one.
-        pl = self.prompt_learner
-        ctx = pl.context(image_features.float())  # (B, n_ctx, D)
-        # Every prompt t_i(x) of image x starts with the same [SOS, v_1(x) .. v_M(x)]; only
-        # the class part after it differs. Exact shortcut (clip's encode_text_shared): the text
-        # tower is causal, so those 1+M positions are encoded once per image, not once per
-        # class, and all B*n_cls prompts go through in one batched pass instead of the official
-        # per-image loop. Memory grows with B*n_cls (the reason the paper trains with batch 1);
-        # chunk_size bounds it.
-        sos = pl.token_prefix[:1].expand(len(ctx), -1, -1)  # (B, 1, D), SOS is the same for all
-        prefix = torch.cat([sos, ctx], dim=1).to(self.clip_model.dtype)  # (B, 1+n_ctx, D)
-        text_features = F.normalize(self.encode_text(prefix), dim=-1)  # (B, n_cls, E)
-        # logit_i = cos(x, g(t_i(x))) / tau; each image has its own n_cls text features.
-        logit_scale = self.clip_model.logit_scale.exp()  # 1/tau, frozen
+        prompts = self.prompt_learner(image_features.float())  # (B, n_cls, L, D), t_i(x)
+        B, n_cls = prompts.shape[:2]
+        # All B*n_cls prompts in one batched pass instead of the official loop over images (the
+        # same text encoder, one call). Its memory grows with B*n_cls, the reason the paper
+        # trains with batch 1; chunk_size bounds it.
+        tokens = self.prompt_learner.tokenized_prompts.repeat(B, 1)  # (B*n_cls, L)
+        g = self.encode_text(prompts.flatten(0, 1), tokens)  # (B*n_cls, L, D) -> (B*n_cls, E)
+        text_features = F.normalize(g, dim=-1).view(B, n_cls, -1)  # (B, n_cls, E)
+        # logit_i = cos(x, g(t_i(x))) / tau: each image has its own n_cls text features.
         logits = torch.einsum("be,bce->bc", image_features, text_features)  # (B, n_cls)
-        return logit_scale * logits
+        return self.clip_model.logit_scale.exp() * logits  # 1/tau, frozen
 
-    def encode_text(self, prefix):
-        """g(t_i(x)) for every image and class from the images' shared starts prefix
-        (B, 1+n_ctx, D) -> (B, n_cls, E); at most chunk_size prompts (B * classes) per pass."""
-        pl = self.prompt_learner
-        suffix = pl.token_suffix.to(prefix.dtype)  # (n_cls, L-1-n_ctx, D), the class parts
-        g = self.clip_model.encode_text_shared
-        n_cls = len(suffix)
-        if self.chunk_size is None or self.chunk_size >= len(prefix) * n_cls:
-            return g(prefix, suffix, pl.tokenized_prompts)  # (B, n_cls, E)
-        # Classes per chunk, for all B images; each chunk re-encodes the B shared starts (1+M
-        # positions per image: small next to the chunk's B*step class parts).
-        step = max(1, self.chunk_size // len(prefix))
-        outs = []
-        for c in range(0, n_cls, step):
-            args = prefix, suffix[c:c + step], pl.tokenized_prompts[c:c + step]
+    def encode_text(self, prompts, tokens):
+        """g(.) over prompts (N, L, D) with their tokens (N, L) -> (N, E), at most chunk_size
+        prompts per text-encoder pass."""
+        g = self.clip_model.encode_text_embeddings
+        if self.chunk_size is None or len(prompts) <= self.chunk_size:
+            return g(prompts, tokens)  # (N, E)
+        chunks = []
+        for i in range(0, len(prompts), self.chunk_size):
+            args = prompts[i:i + self.chunk_size], tokens[i:i + self.chunk_size]
             if torch.is_grad_enabled():  # keep only the chunk's input; recompute in backward
-                outs.append(checkpoint(g, *args, use_reentrant=False))  # (B, step, E)
+                chunks.append(checkpoint(g, *args, use_reentrant=False))  # (chunk, E)
             else:
-                outs.append(g(*args))  # (B, step, E)
-        return torch.cat(outs, dim=1)  # (B, n_cls, E)
+                chunks.append(g(*args))  # (chunk, E)
+        return torch.cat(chunks)  # (N, E)
 
 
 if __name__ == "__main__":  # self-check on a tiny random CLIP: no weights, no data

@@ -79,7 +79,7 @@ class PromptLearner(nn.Module):
             raise ValueError(f"class_token_position must be 'end', 'middle' or 'front', "
                              f"got {class_token_position!r}")
         embedding = clip_model.token_embedding
-        D, dtype = clip_model.ln_final.weight.shape[0], embedding.weight.dtype  # read, not 512
+        D = clip_model.ln_final.weight.shape[0]  # the text width, read from the model, not 512
         classnames = [name.replace("_", " ") for name in classnames]
         self.n_cls, self.class_token_position = len(classnames), class_token_position
 
@@ -96,17 +96,21 @@ class PromptLearner(nn.Module):
                               "the words and shared by all classes (as in the official code)")
             with torch.no_grad():
                 ids = torch.tensor(init_ids, device=embedding.weight.device)
-                ctx = embedding(ids).to(dtype)  # (n_ctx, D)
+                ctx = embedding(ids).float()  # (n_ctx, D)
             prefix_text = ctx_init
         else:
             shape = (self.n_cls, n_ctx, D) if csc else (n_ctx, D)
-            ctx = torch.empty(shape, dtype=dtype, device=embedding.weight.device)
+            ctx = torch.empty(shape, device=embedding.weight.device)
             nn.init.normal_(ctx, std=0.02)  # the token embeddings' own scale (std 0.02)
             # Placeholder words: "X X ... X {class}." tokenises to exactly the positions of the
             # final prompt, so token_suffix lines up after the context and the EOT position
             # (where the text feature is read) is where it will be.
             prefix_text = " ".join(["X"] * n_ctx)
         self.n_ctx = n_ctx
+        # Precision, the same in every method file here: learned tensors are fp32 and the
+        # frozen CLIP casts them to its own dtype where they enter it (fp16 after
+        # clip.load(fp16=True)). NOTE(simplification): the official fp16 mode keeps ctx in fp16
+        # and lets SGD update fp16 values directly.
         self.ctx = nn.Parameter(ctx)  # (n_ctx, D) unified or (n_cls, n_ctx, D) class-specific
 
         prompts = [f"{prefix_text} {name}." for name in classnames]
@@ -114,7 +118,7 @@ class PromptLearner(nn.Module):
         check_lengths(classnames, prompts, n_ctx, self.name_lens, clip_model.context_length)
         tokens = clip.tokenize(prompts, clip_model.context_length)  # (n_cls, L)
         with torch.no_grad():
-            embedded = embedding(tokens.to(embedding.weight.device)).to(dtype)  # (n_cls, L, D)
+            embedded = embedding(tokens.to(embedding.weight.device)).float()  # (n_cls, L, D)
         # Frozen pieces around the context: SOS, then class tokens, ".", EOT and padding. They
         # depend on the class names, so persistent=False keeps them out of state_dict(): a
         # checkpoint holds only ctx and loads into a model built for other classes (base ->
@@ -189,15 +193,8 @@ class CoOp(nn.Module):
     def text_features(self):
         """Normalised class features g(t_i) (n_cls, E). They do not depend on the image (the
         context is image-agnostic), so evaluation computes them once for all test batches."""
-        pl = self.prompt_learner
-        if pl.ctx.dim() == 2 and pl.class_token_position == "end":
-            # Exact shortcut: every prompt starts with the same [SOS, V_1 .. V_M], so the text
-            # encoder computes those positions once, not once per class (encode_text_shared).
-            prefix = torch.cat([pl.token_prefix[:1], pl.ctx[None]], dim=1)  # (1, 1+n_ctx, D)
-            g = self.clip_model.encode_text_shared(prefix, pl.token_suffix,
-                                                   pl.tokenized_prompts)[0]  # (n_cls, E)
-        else:
-            g = self.clip_model.encode_text_embeddings(pl(), pl.tokenized_prompts)  # (n_cls, E)
+        prompts = self.prompt_learner()  # (n_cls, L, D), t_i = [SOS] [V]_1 .. [V]_M [CLASS]_i
+        g = self.clip_model.encode_text_embeddings(prompts, self.prompt_learner.tokenized_prompts)
         return F.normalize(g, dim=-1)  # (n_cls, E)
 
     def forward(self, images, text_features=None):

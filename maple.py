@@ -9,11 +9,12 @@ CLIP is too large, and few-shot data too scarce, to fine-tune the whole model: f
 (catastrophic forgetting, 灾难性遗忘). Hand-written prompts ("a photo of a {class}.") keep CLIP
 frozen but are found by trial and error (人肉调参), and a few words' change moves accuracy a lot.
 Prompt learning replaces that search with gradients while CLIP stays frozen; CoOp and CoCoOp
-learn prompts in the text branch only. MaPLe prompts both branches (two branches, 双分支): M
-learned tokens in the text encoder and M in the image encoder, at each of the first J layers
-(deep prompts). The vision prompts are not free parameters: a coupling function (耦合函数), one
-linear layer per depth, produces them from the text prompts, so the two branches adapt together
-and gradients from the image side reach the text prompts.
+learn prompts in the text branch only. MaPLe learns context on both the text and the image
+side (the notes: 在文本和图像端都进行了上下文学习): M learned tokens in the text encoder and M in the image
+encoder, at each of the first J layers (deep prompts). The vision prompts are not free
+parameters: the paper's coupling function, one linear layer per depth, produces them from the
+text prompts, so the two branches adapt together and gradients from the image side reach the
+text prompts.
 
 In the paper's notation (K layers, layer i = resblocks[i-1]; W text tokens, c class token,
 E patch tokens; "_" marks prompt outputs that are discarded):
@@ -30,14 +31,16 @@ embedding, and P~_0 goes through ln_pre.
 Symbol -> code:
     M <-> n_ctx                 J <-> prompt_depth         P_0 <-> ctx
     P_1..P_{J-1} <-> compound_prompts_text                 F_0 <-> proj
-    F_1..F_{J-1} <-> compound_prompt_projections           P~_i <-> vision_prompts[i]
-    L_i, V_i <-> clip_model.transformer / clip_model.visual.transformer, .resblocks[i-1]
+    F_1..F_{J-1} <-> compound_prompt_projections
+    P~_0..P~_{J-1} <-> MultiModalPromptLearner.vision_prompts()
+    L_1..L_K, z <-> MaPLe.encode_text (a loop over clip_model.transformer.resblocks)
+    V_1..V_K, x <-> MaPLe.encode_image (a loop over clip_model.visual.transformer.resblocks)
     K <-> len(resblocks)        tau <-> 1 / clip_model.logit_scale.exp()
 
 Shape legend: B images, n_cls classes, n_ctx learned tokens per layer (M), L prompt positions
 kept (up to the longest prompt's EOT, <= 77), N vision tokens (1 + patches, + n_ctx with
-prompts), D text width (512 for ViT-B/16), Dv vision width (768), E joint dim (512),
-J prompt depth.
+prompts), D text width (512 for ViT-B/16), Dv vision width (768), Dj joint embedding dim
+(512; E is taken by the paper's patch tokens), J prompt depth.
 
 Notes: prompt-learning-notes.md, "Clip的缺点" (why not full fine-tuning) and "MaPLE" (why not
 hand-written prompts).
@@ -109,8 +112,10 @@ class MultiModalPromptLearner(nn.Module):
             ctx_vectors = torch.randn(n_ctx, D) * 0.02  # (n_ctx, D), N(0, 0.02)
             # "X X ... X" reserves n_ctx positions so the EOT lands where the feature is read.
             prefix = " ".join(["X"] * n_ctx)
-        # NOTE(simplification): all learned tensors are fp32 (the official code keeps ctx and
-        # proj in fp16 and the deep prompts in fp32, with explicit .half() casts).
+        # Precision, the same in every method file here: learned tensors are fp32 and the
+        # frozen CLIP casts them to its own dtype where they enter it (fp16 after
+        # clip.load(fp16=True)). NOTE(simplification): the official code keeps ctx and proj in
+        # fp16 and the deep prompts in fp32, with explicit .half() casts.
         self.ctx = nn.Parameter(ctx_vectors)  # (n_ctx, D)   P_0
         self.proj = nn.Linear(D, Dv)  # F_0: (n_ctx, D) -> (n_ctx, Dv)
         self.compound_prompts_text = nn.ParameterList(
@@ -185,16 +190,16 @@ class MaPLe(nn.Module):
 
     def encode_text(self, prompts, deep_prompts):
         """Text branch. prompts (n_cls, L, D) with P_0 in place; deep_prompts: P_1..P_{J-1},
-        each (n_ctx, D), overwriting positions 1..n_ctx at blocks 1..J-1 -> (n_cls, E)."""
+        each (n_ctx, D), overwriting positions 1..n_ctx at blocks 1..J-1 -> (n_cls, Dj)."""
         m, tokens = self.clip_model, self.prompt_learner.tokenized_prompts
         n_ctx = self.prompt_learner.n_ctx
-        x = prompts.to(m.dtype) + m.positional_embedding[:prompts.shape[1]].to(m.dtype)
+        x = (prompts + m.positional_embedding[:prompts.shape[1]]).to(m.dtype)  # (n_cls, L, D)
         for i, block in enumerate(m.transformer.resblocks):
             if 1 <= i <= len(deep_prompts):  # deep prompts get no positional embedding
                 p = deep_prompts[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)  # (n_cls, n_ctx, D)
                 x = torch.cat([x[:, :1], p, x[:, 1 + n_ctx:]], dim=1)  # (n_cls, L, D)
             x = block(x)
-        return m.pool_text(x, tokens.argmax(dim=-1))  # (n_cls, E), read at EOT
+        return m.pool_text(x, tokens.argmax(dim=-1))  # (n_cls, Dj), read at EOT
 
     def encode_image(self, images, vision_prompts=()):
         """Image branch. vision_prompts: P~_0..P~_{J-1}, each (n_ctx, Dv); P~_0 is appended after
@@ -211,20 +216,20 @@ class MaPLe(nn.Module):
                 p = vision_prompts[i].to(x.dtype).expand(B, -1, -1)  # (B, n_ctx, Dv)
                 x = torch.cat([x[:, :-p.shape[1]], p], dim=1)  # (B, N, Dv)
             x = block(x)
-        return visual.head(x)  # (B, E), ln_post on the class token, then proj
+        return visual.head(x)  # (B, Dj), ln_post on the class token, then proj
 
     def text_features(self):
-        """Normalised class features (n_cls, E): compute once to evaluate many batches."""
+        """Normalised class features (n_cls, Dj): compute once to evaluate many batches."""
         prompts, deep_prompts, _ = self.prompt_learner()
-        return F.normalize(self.encode_text(prompts, deep_prompts), dim=-1)  # (n_cls, E)
+        return F.normalize(self.encode_text(prompts, deep_prompts), dim=-1)  # (n_cls, Dj)
 
     def forward(self, images, text_features=None):
         """images (B, 3, H, W) -> logits (B, n_cls). Pass text_features from text_features()
         at evaluation to skip the text branch (the vision prompts still depend on P_i)."""
         if text_features is None:
-            text_features = self.text_features()  # (n_cls, E)
+            text_features = self.text_features()  # (n_cls, Dj)
         vision_prompts = self.prompt_learner.vision_prompts()  # J x (n_ctx, Dv), coupled
-        image_features = F.normalize(self.encode_image(images, vision_prompts), dim=-1)  # (B, E)
+        image_features = F.normalize(self.encode_image(images, vision_prompts), dim=-1)  # (B, Dj)
         logit_scale = self.clip_model.logit_scale.exp()  # 1/tau, frozen
         return logit_scale * image_features @ text_features.t()  # (B, n_cls)
 

@@ -15,7 +15,7 @@ import zipfile
 
 import torch
 
-from .model import CheckpointError, build_model
+from .model import CheckpointError, build_model, convert_weights
 
 _URL = "https://openaipublic.azureedge.net/clip/models"
 # name -> URL; the SHA-256 of the file is the second-to-last path component.
@@ -151,7 +151,8 @@ def load(name, device=None, download_root=None, fp16=False, jit=False):
     """Load a CLIP model: a name from `available_models()` or a checkpoint's path.
 
     Returns (model, preprocess): an eval-mode model on `device` and the PIL -> tensor transform
-    at its input resolution. Weights are fp32; `fp16=True` halves them (GPU only)."""
+    at its input resolution. Weights are fp32; `fp16=True` converts them as OpenAI's
+    `convert_weights` does (GPU only; LayerNorm and the embeddings stay fp32)."""
     if jit:
         raise ValueError("jit=True is not supported: this package rebuilds an eager model from "
                          "the checkpoint's weights (openai/CLIP's jit=False)")
@@ -160,7 +161,7 @@ def load(name, device=None, download_root=None, fp16=False, jit=False):
     if fp16:
         if device.type == "cpu":
             raise ValueError("fp16 weights need a GPU; on the CPU use the default fp32")
-        model.half()
+        convert_weights(model)
     return model, preprocess(model.visual.input_resolution)
 
 

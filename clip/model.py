@@ -4,14 +4,15 @@ A compact re-implementation of openai/CLIP's `clip/model.py` (MIT licence, see L
 names are OpenAI's, so the released checkpoints load with `load_state_dict(strict=True)` and no
 renaming. Three deliberate differences from the original, none of which changes an output:
 - batch-first tensors (B, L, D) everywhere, so no NLD <-> LND permutes;
-- fp32 by default (no fp16 LayerNorm subclass, no `convert_weights`); `clip.load(fp16=True)`
-  halves the whole model on a GPU;
+- fp32 by default: `build_model` returns an fp32 model (OpenAI's converts to fp16 and
+  `clip.load(device="cpu")` converts back); `clip.load(fp16=True)` applies OpenAI's
+  `convert_weights`, which keeps LayerNorm, embeddings and logit_scale in fp32;
 - seams for prompt learning: `encode_text_embeddings` encodes token *embeddings* (what prompt
-  learners build), and the vision tower splits into `embed` -> `ln_pre` -> blocks -> `head`, so a
-  method (MaPLe) can drive the blocks itself without forking this file; `encode_text_shared`
-  encodes prompts that start alike (CoOp's context; CoCoOp's, per image) without repeating
-  the common start, and blocks can recompute their activations in backward (`checkpoint`) to
-  save memory.
+  learners build), the vision tower splits into `embed` -> `ln_pre` -> blocks -> `head`, so a
+  method (MaPLe) can drive the blocks itself without forking this file, and blocks can
+  recompute their activations in backward (`checkpoint`) to save memory.
+The text tower runs only up to the last end-of-text token of a batch (see
+`encode_text_embeddings`): the same features with less work.
 
 Shape legend: B images, N texts, L text positions (77), D text width, Dv vision width,
 P patches, E joint embedding dim.
@@ -40,6 +41,14 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input's dtype, as OpenAI's subclass: with fp16
+    weights (`convert_weights`) its parameters stay fp32 and only the input is upcast."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names
     (`in_proj_weight`, `in_proj_bias`, `out_proj`), so OpenAI's keys load unchanged."""
@@ -63,30 +72,6 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(x.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
-    def forward_shared(self, x, G, P, C):
-        """Causal attention for G groups of C prompts whose first P positions are shared by the
-        group. x (G*P + G*C*S, D) holds each distinct position once: the G*P shared ones, then
-        the G*C*S others -> the same shape. Equal to attention over the G*C full (P+S)-position
-        prompts: the shared positions only see themselves, the others see them and their own
-        predecessors."""
-        D, h = x.shape[-1], self.n_head
-        S = (len(x) - G * P) // (G * C)
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-
-        def heads(t, n, length):  # (n*length, D) -> (n, heads, length, D/heads)
-            return t.reshape(n, length, h, D // h).transpose(1, 2)
-
-        qp, kp, vp = (heads(t[:G * P], G, P) for t in (q, k, v))  # (G, h, P, D/h)
-        qs, ks, vs = (heads(t[G * P:], G * C, S) for t in (q, k, v))  # (G*C, h, S, D/h)
-        k = torch.cat([kp.repeat_interleave(C, dim=0), ks], dim=2)  # (G*C, h, P+S, D/h)
-        v = torch.cat([vp.repeat_interleave(C, dim=0), vs], dim=2)  # (G*C, h, P+S, D/h)
-        seen = torch.ones(S, P + S, dtype=torch.bool, device=x.device).tril(P)  # i sees <= P+i
-        ys = F.scaled_dot_product_attention(qs, k, v, attn_mask=seen)  # (G*C, h, S, D/h)
-        yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (G, h, P, D/h)
-        y = torch.cat([yp.transpose(1, 2).reshape(G * P, D),
-                       ys.transpose(1, 2).reshape(G * C * S, D)])  # (G*P + G*C*S, D)
-        return self.out_proj(y)
-
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
@@ -97,40 +82,27 @@ class ResidualAttentionBlock(nn.Module):
     def __init__(self, d_model, n_head, causal=False):
         super().__init__()
         self.attn = Attention(d_model, n_head, causal)
-        self.ln_1 = nn.LayerNorm(d_model)
+        self.ln_1 = LayerNorm(d_model)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(d_model, d_model * 4)),
             ("gelu", QuickGELU()),
             ("c_proj", nn.Linear(d_model * 4, d_model)),
         ]))
-        self.ln_2 = nn.LayerNorm(d_model)
+        self.ln_2 = LayerNorm(d_model)
         self.checkpoint = False  # opt-in activation checkpointing (train.py --checkpointing)
 
     def forward(self, x):
-        return self._run(self._forward, x)
-
-    def forward_shared(self, x, G, P, C):
-        """The block for prompts sharing a prefix, x packed as in Attention.forward_shared
-        (G*P + G*C*S, D) -> the same shape. Apart from attention, the block acts on each
-        position alone, so one call covers the shared and the other positions."""
-        return self._run(self._forward_shared, x, G, P, C)
-
-    def _run(self, fn, *args):
         if self.checkpoint and torch.is_grad_enabled():
             # Keep only the block's input for backward and recompute the block there: the same
             # outputs and gradients for ~1/3 more compute, and a text pass over many prompts
             # (ImageNet's 1000 classes) stores one tensor per block instead of all of them.
             # A flag on the block, so methods that loop over blocks (MaPLe) get it too; grad
             # mode, not self.training, because prompt learners keep CLIP in eval mode.
-            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
 
     def _forward(self, x):
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-    def _forward_shared(self, x, G, P, C):
-        x = x + self.attn.forward_shared(self.ln_1(x), G, P, C)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -159,9 +131,9 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))  # (Dv,)
         self.positional_embedding = nn.Parameter(
             scale * torch.randn(grid ** 2 + 1, width))  # (1+P, Dv)
-        self.ln_pre = nn.LayerNorm(width)
+        self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads)
-        self.ln_post = nn.LayerNorm(width)
+        self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))  # (Dv, E)
 
     def embed(self, images):
@@ -200,7 +172,7 @@ class CLIP(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)  # (vocab, D)
         self.positional_embedding = nn.Parameter(
             torch.empty(context_length, transformer_width))  # (L, D)
-        self.ln_final = nn.LayerNorm(transformer_width)
+        self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))  # (D, E)
         # The temperature is learned as a log: logits = exp(logit_scale) * cos. Initialised at
         # log(1/0.07); the released checkpoints store log(100). Prompt learning keeps it frozen.
@@ -241,7 +213,7 @@ class CLIP(nn.Module):
         # the last EOT of the batch cannot change any output. Run only the first max(EOT)+1
         # positions instead of all 77 (prompts are typically 10-30 tokens).
         n = int(eot.max()) + 1
-        x = x[:, :n] + self.positional_embedding[:n].to(x.dtype)  # (N, n, D)
+        x = (x[:, :n] + self.positional_embedding[:n]).to(self.dtype)  # (N, n, D)
         x = self.transformer(x)
         return self.pool_text(x, eot)  # (N, E)
 
@@ -250,30 +222,6 @@ class CLIP(nn.Module):
         (ln_final acts per position, so taking the row first gives the same result.)"""
         x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])  # (N, D)
         return x @ self.text_projection  # (N, E)
-
-    def encode_text_shared(self, prefix, suffix, tokens):
-        """encode_text_embeddings for prompts that all start with the same P embeddings, as
-        CoOp's [SOS, V_1 .. V_M] before each class name (one group) or CoCoOp's, one group per
-        image: prefix (G, P, D) for G groups, suffix (C, L-P, D) the rest of C prompts (the same
-        in every group), tokens (C, L) -> (G, C, E).
-        Exact shortcut: attention is causal, so the shared positions never see what follows
-        them; they are computed once per group instead of once per prompt (CoOp with 16
-        context tokens: 17 of ~22 positions), and the other positions attend to them."""
-        eot = tokens.argmax(dim=-1)  # (C,) EOT has the largest id
-        G, P = prefix.shape[:2]
-        n = int(eot.max()) + 1  # as encode_text_embeddings: nothing after the last EOT matters
-        if int(eot.min()) < P:
-            raise ValueError(f"a prompt ends (EOT at {int(eot.min())}) inside the {P} shared "
-                             "positions: pass a shorter prefix")
-        pos = self.positional_embedding.to(prefix.dtype)
-        C, S, D = len(eot), n - P, prefix.shape[-1]
-        xp = prefix + pos[:P]  # (G, P, D)
-        xs = (suffix[:, :S] + pos[P:n]).expand(G, -1, -1, -1)  # (G, C, S, D)
-        x = torch.cat([xp.reshape(G * P, D), xs.reshape(G * C * S, D)])  # (G*P + G*C*S, D)
-        for block in self.transformer.resblocks:
-            x = block.forward_shared(x, G, P, C)
-        x = self.pool_text(x[G * P:].view(G * C, S, D), (eot - P).repeat(G))  # (G*C, E)
-        return x.view(G, C, -1)  # (G, C, E)
 
     def forward(self, images, tokens):
         image_features = F.normalize(self.encode_image(images), dim=-1)  # (B, E)
@@ -348,3 +296,17 @@ def build_model(state_dict):
 
 def _key_mismatch(expected, given):
     return sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+
+
+def convert_weights(model):
+    """OpenAI's fp16 conversion (`clip.load(fp16=True)`): convolutions, linear layers, the
+    attention weights and the two projections become fp16; LayerNorm, BatchNorm, the
+    embeddings (token, class, positional) and logit_scale stay fp32. In place; returns model."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.half()
+        for name in ("in_proj_weight", "in_proj_bias", "text_projection", "proj"):
+            p = getattr(module, name, None)
+            if isinstance(p, nn.Parameter):
+                p.data = p.data.half()
+    return model

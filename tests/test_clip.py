@@ -250,3 +250,27 @@ def test_shipped_toy_clip_loads_and_reads_the_toy_world():
                 clip.tokenize([template.format(c) for c in names])), dim=-1)
             acc[template] = (f @ g.t()).argmax(-1).eq(torch.tensor(labels[pick])).float().mean()
     assert acc["an outline of a {}."] >= 0.95 > acc["a photo of a {}."] >= 0.5
+
+
+def test_convert_weights_is_openais_fp16():
+    """clip.load(fp16=True) converts as OpenAI's convert_weights: convolutions, linear layers,
+    attention and projections fp16; LayerNorm, embeddings and logit_scale fp32. LayerNorm
+    computes in fp32, and the features stay close to the fp32 model's (CPU half kernels)."""
+    from clip.model import convert_weights
+    g = golden("tiny_vit")
+    model = convert_weights(clip.build_model(g["state_dict"]))
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    fp32 = {k for k, d in dtypes.items() if d == torch.float32}
+    assert fp32 == {k for k in dtypes if k in ("logit_scale", "positional_embedding",
+                                               "token_embedding.weight",
+                                               "visual.class_embedding",
+                                               "visual.positional_embedding")
+                    or ".ln_" in k or k.startswith(("ln_final", "visual.ln_"))}
+    assert dtypes["visual.proj"] == dtypes["text_projection"] == torch.float16
+    assert dtypes["transformer.resblocks.0.attn.in_proj_weight"] == torch.float16
+    assert model.dtype == torch.float16
+    with torch.no_grad():
+        img, txt = model.encode_image(g["images"]), model.encode_text(g["tokens"])
+    assert img.dtype == txt.dtype == torch.float16
+    torch.testing.assert_close(img.float(), g["image_features"], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(txt.float(), g["text_features"], atol=2e-2, rtol=2e-2)

@@ -196,3 +196,20 @@ def test_defaults_are_the_papers():
     d = cocoop.DEFAULTS
     assert (d["n_ctx"], d["ctx_init"], d["lr"], d["epochs"], d["batch_size"], d["shots"]) == \
         (4, "a photo of a", 0.002, 10, 1, 16)
+
+
+@pytest.mark.parametrize("chunk_size", [1024, 3])
+def test_forward_runs_the_prompt_learner(clip_model, images, monkeypatch, chunk_size):
+    """t_i(x) = [SOS, v_1(x) .. v_M(x), c_i, ...] is built by PromptLearner.forward on the
+    default path, chunked or not, and those prompts are what the text encoder reads."""
+    model = cocoop.CoCoOp(clip_model, CLASSNAMES, chunk_size=chunk_size)
+    built, encoded = [], []
+    forward = cocoop.PromptLearner.forward
+    monkeypatch.setattr(cocoop.PromptLearner, "forward",
+                        lambda self, f: built.append(forward(self, f)) or built[-1])
+    encode = clip_model.encode_text_embeddings
+    monkeypatch.setattr(clip_model, "encode_text_embeddings",
+                        lambda x, t: encoded.append(x) or encode(x, t))
+    model(images)
+    assert len(built) == 1 and built[0].shape[:2] == (2, len(CLASSNAMES))
+    assert torch.equal(torch.cat(encoded), built[0].flatten(0, 1))

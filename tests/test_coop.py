@@ -154,3 +154,15 @@ def test_self_check_runs(capsys):
     runpy.run_path(coop.__file__, run_name="__main__")
     out = capsys.readouterr().out
     assert "logits (2, 5)" in out and "trainable parameters 1,024" in out
+
+
+def test_forward_runs_the_prompt_learner(model, images, monkeypatch):
+    """The paper's prompt t_i = [SOS] [V]_1 .. [V]_M [CLASS]_i is built by
+    PromptLearner.forward on the default path (not bypassed by a shortcut)."""
+    coop_model = coop.CoOp(model, NAMES, ctx_init="a photo of a")
+    calls = []
+    forward = coop.PromptLearner.forward
+    monkeypatch.setattr(coop.PromptLearner, "forward",
+                        lambda self: calls.append(1) or forward(self))
+    coop_model(images)
+    assert calls == [1]

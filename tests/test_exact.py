@@ -63,28 +63,6 @@ def test_reference_text_encoder_is_clips_own(clip_model):
             **TOL)
 
 
-@pytest.mark.parametrize("heads", [1, 4])
-def test_encode_text_shared_equals_full_prompts(clip_model, heads):
-    """G groups of prompts sharing their first P embeddings (CoCoOp-like: one context per
-    image): the shared path equals encoding the (G*C) full prompts."""
-    torch.manual_seed(0)
-    if heads > 1:
-        clip_model = make_tiny_clip(vision_layers=1, transformer_heads=heads)
-    tokens = clip.tokenize([f"X X X X {n.replace('_', ' ')}." for n in NAMES])  # (C, 77)
-    suffix = clip_model.token_embedding(tokens[:, 5:])  # (C, 72, D)
-    prefix = torch.randn(2, 5, 64, requires_grad=True)  # (G, P, D): SOS + 4 context, 2 groups
-    shared = clip_model.encode_text_shared(prefix, suffix, tokens)  # (G, C, E)
-    full = torch.cat([prefix[:, None].expand(-1, len(NAMES), -1, -1),
-                      suffix.expand(2, -1, -1, -1)], dim=2)  # (G, C, 77, D)
-    ref = bench.ref_encode_text(clip_model, full.flatten(0, 1), tokens.repeat(2, 1))
-    torch.testing.assert_close(shared.flatten(0, 1), ref, **TOL)
-    g_shared, = torch.autograd.grad(shared.square().sum(), prefix)
-    g_ref, = torch.autograd.grad(ref.square().sum(), prefix)
-    torch.testing.assert_close(g_shared, g_ref, **TOL)
-    with pytest.raises(ValueError, match="shared"):  # "cat." ends before 12 positions
-        clip_model.encode_text_shared(torch.randn(1, 12, 64), suffix[:, 7:], tokens)
-
-
 @pytest.mark.parametrize("options", [dict(), dict(csc=True), dict(ctx_init="a photo of a"),
                                      dict(class_token_position="middle"),
                                      dict(class_token_position="front")])
