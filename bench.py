@@ -1,14 +1,14 @@
-"""Benchmark: our exact shortcuts against the straightforward, reference-style computation.
+"""Benchmark: our speed-ups against the straightforward, reference-style computation.
 
     python bench.py                  # CPU, ViT-B/16 size, random weights, 100 classes
     python bench.py --device cuda
     python bench.py --model toy      # the default toy run's model, classes and batch sizes
     python bench.py --quick          # a tiny smoke configuration (used by a test)
 
-Ours: the text encoder runs only the first max(EOT)+1 positions, and the start that prompts
-share ([SOS, V_1 .. V_M], CoOp's for all classes, CoCoOp's per image) once instead of once per
-class (clip/model.py); class features once per evaluation; CoCoOp's B*n_cls prompts in one
-batch; the frozen image encoder under no_grad.
+Ours (what train.py runs): the text encoder runs only the first max(EOT)+1 positions
+(clip/model.py encode_text_embeddings); class features once per evaluation; CoCoOp's B*n_cls
+prompts in one batched pass; the frozen image encoder under no_grad. Every prompt is built by
+its method's PromptLearner.forward, as the paper writes it.
 The reference re-states what the official code computes: all 77 positions, CoCoOp's loop over
 images, text features per test batch, the image encoder inside the recorded forward (frozen
 weights: autograd records nothing there anyway). Both paths run on the same weights and
@@ -169,7 +169,7 @@ def build_case(args, case):
     B = batch["eval" if evaluation else method]
     if case.endswith("-big"):  # ImageNet's 1000 classes
         names = (CALTECH101 * (args.big_classes // 100 + 1))[:args.big_classes]
-    if case == "coop-big":  # CoOp #12: ImageNet's 1000 classes run out of memory at batch 1
+    if case in ("coop-big", "cocoop-b1"):  # CoOp #12 (ImageNet OOM at batch 1); CoCoOp's paper
         B = 1
     model_class = dict(coop=coop.CoOp, cocoop=cocoop.CoCoOp, maple=maple.MaPLe)[method]
     model = model_class(clip_model, names, **options[method]).to(args.device).train()
@@ -281,6 +281,7 @@ def main(args):
           flush=True)
     cases = {"coop": f"CoOp step (batch {batch['coop']})",
              "cocoop": f"CoCoOp step (batch {batch['cocoop']})",
+             "cocoop-b1": "CoCoOp step (batch 1)",  # the paper's: no per-image loop to save
              "maple": f"MaPLe step (batch {batch['maple']})",
              "coop-eval": f"CoOp eval ({args.eval_batches}x{batch['eval']} images)"}
     if args.big_classes:  # ImageNet-size evaluation, where the per-batch text pass is costly

@@ -8,10 +8,12 @@ Trained on a few base classes, that context overfits them (记忆化): it pulls 
 prototype toward whatever separates the base classes, so unseen classes are scored with a bias
 tuned for other classes and accuracy on them drops below zero-shot CLIP. CoCoOp keeps CoOp's
 context and adds a tiny meta-net (Meta-Net) that reads the image feature and emits one token
-pi(x), added to every context vector: an instance-conditional prompt (实例条件提示) that follows
-the instance instead of memorising the base classes. It sits between CoOp ("specialised and
-precise", 专而精) and CLIP's hand-written prompt ("broad but coarse", 广而糙). Base/new accuracy,
-11-dataset averages, ViT-B/16: CLIP 69.34/74.22, CoOp 82.69/63.22, CoCoOp 80.47/71.69.
+pi(x), added to every context vector: an instance-conditional prompt that follows the image's
+own attributes (the notes' instance attributes, 实例属性, which a static context cannot
+follow) instead of memorising the base classes. It sits between CoOp ("specialised and
+precise", “专”而“精”) and CLIP's hand-written prompt ("broad but coarse", “广”而“糙”).
+Base/new accuracy, 11-dataset averages, ViT-B/16: CLIP 69.34/74.22, CoOp 82.69/63.22, CoCoOp
+80.47/71.69.
 
     pi = h_theta(x)                        one shift per image, from its image feature
     v_m(x) = v_m + pi,   m = 1..M          the same shift for every context token

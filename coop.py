@@ -43,7 +43,7 @@ import clip
 from clip.tokenizer import encode
 
 # Few-shot defaults (the paper's main table). train.py passes every key but lr, epochs,
-# batch_size and print_freq to CoOp(...).
+# batch_size and print_freq to CoOp(...), and takes the epochs from epochs_for().
 DEFAULTS = dict(
     n_ctx=16,                     # M; scripts/coop/main.sh NCTX=16 (paper Sec. 4.1)
     ctx_init="",                  # random N(0, 0.02); configs/trainers/CoOp/rn50.yaml CTX_INIT ""
@@ -54,11 +54,11 @@ DEFAULTS = dict(
     batch_size=32,                # rn50.yaml DATALOADER.TRAIN_X.BATCH_SIZE
     print_freq=5,                 # rn50.yaml TRAIN.PRINT_FREQ
 )
-# Base-to-new (CoCoOp paper Table 1, "CoOp" rows): CoOp:scripts/cocoop/base2new_train.sh
-# selects configs/trainers/CoOp/vit_b16_ctxv1.yaml, i.e. M = 4 initialised from "a photo of a"
-# (200 epochs, batch 32; ImageNet vit_b16_ep50_ctxv1). train.py applies this on top of
-# DEFAULTS for --protocol base2new.
-BASE2NEW = dict(n_ctx=4, ctx_init="a photo of a")
+# Other protocols' changes to DEFAULTS (train.py --protocol). Base-to-new (CoCoOp paper Table 1,
+# "CoOp" rows): CoOp:scripts/cocoop/base2new_train.sh selects configs/trainers/CoOp/
+# vit_b16_ctxv1.yaml, i.e. M = 4 initialised from "a photo of a" (200 epochs, batch 32; ImageNet
+# vit_b16_ep50_ctxv1).
+PROTOCOLS = {"base2new": dict(n_ctx=4, ctx_init="a photo of a")}
 
 
 def epochs_for(shots, dataset):

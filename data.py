@@ -1,18 +1,12 @@
 """Datasets, few-shot (小样本) sampling, the base/new class split, transforms and loaders.
 
-Reads the benchmarks in the layout of CoOp's DATASETS.md, so an existing data root works
-unchanged: load("oxford_pets", "~/data") reads ~/data/oxford_pets/split_zhou_OxfordPets.json
-and ~/data/oxford_pets/images/. Quirks live in the DATASETS table. Two extra entries:
-  folder  any folder of class subfolders (root/<class>/<image>); a 50/20/30 split is made once
-          and saved as root/split_folder.json, in the same format as CoOp's split files;
-  toy     the embedded toy world (toy/world.py), read like DTD.
-
-Split JSON format: {"train": [[relative_impath, label, classname], ...], "val": ..., "test": ...}.
-
-Unreadable images: ImageList returns (None, path) for them, _collate drops them and the Loader
-warns once per file and counts them in loader.n_skipped (this works with any num_workers).
-
-Shape legend: B = images in the batch, n_px = the backbone's input resolution.
+load() reads the benchmarks in the layout of CoOp's DATASETS.md, so an existing data root works
+unchanged (load("oxford_pets", "~/data") reads ~/data/oxford_pets/split_zhou_OxfordPets.json and
+~/data/oxford_pets/images/), any folder of class subfolders ("folder": split 50/20/30 once, saved
+as root/split_folder.json) and the toy world ("toy", toy/world.py). A wrong layout gets a
+DataError naming the path it expected. Split JSON format (CoOp's): {"train": [[relative_impath,
+label, classname], ...], "val": ..., "test": ...}. Unreadable images are skipped with a warning
+and counted (Loader.skipped). Shape legend: B images in a batch, n_px the input resolution.
 """
 import json
 import math
@@ -25,16 +19,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from clip import MEAN, STD
+import clip
 
 
 class DataError(Exception):
     """A dataset is missing or laid out differently from what load() expects."""
 
 
-# ---------------------------------------------------------------------------------------------
-# The table: dataset name -> folder names and quirks (CoOp:datasets/*.py, CoOp:DATASETS.md)
-
+# ---- The table: dataset name -> folders and quirks (CoOp:datasets/*.py, CoOp:DATASETS.md)
 # name: (kind, dataset folder, image folder, split file); "" = the dataset folder itself.
 # kind "split" reads split_zhou_<Name>.json, "fgvc" FGVCAircraft's txt files, "imagenet" the
 # wnid folders of images/train and images/val, "wnids"/"numbered" a test-only ImageNet variant.
@@ -78,12 +70,18 @@ QUIRKS = {
         "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
         "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings",
         "River": "River", "SeaLake": "Sea or Lake"})}
-DATASETS = {name: dict(kind=kind, dir=folder, images=images, split=split,
+DATASETS = {name: dict(name=name, kind=kind, dir=folder, images=images, split=split,
                        template=TEMPLATES.get(name, PHOTO), **QUIRKS.get(name, {}))
             for name, (kind, folder, images, split) in _TABLE.items()}
+LAYOUTS = {  # what each kind expects, for error messages; d = <root>/<dataset folder>
+    "split": "{d}/{images}/... and {d}/{split}", "toy": "{d}/{images}/... and {d}/{split}",
+    "imagenet": "{d}/images/train/<wnid>/*.JPEG, {d}/images/val/<wnid>/*.JPEG, {d}/classnames.txt",
+    "wnids": "{d}/{images}/<wnid>/<image> and {d}/classnames.txt",
+    "numbered": "{d}/{images}/<0..999>/<image> and {d}/classnames.txt",
+    "fgvc": "{d}/images/*.jpg, {d}/variants.txt, {d}/images_variant_{{train,val,test}}.txt",
+    "folder": "<root>/<class name>/<image> (root is the folder itself)"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FOLDER_SPLIT = (0.5, 0.2)  # train/val fractions, rest test (CoOp:datasets/dtd.py)
-FOLDER_SPLIT_SEED = 0      # fixed, so every run seed shares one split, as with CoOp's JSONs
 
 
 @dataclass
@@ -102,28 +100,18 @@ class Dataset:
                 f"train {len(self.train)}, val {len(self.val)}, test {len(self.test)}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Readers: each returns ({"train"|"val"|"test": [(path, label)]}, {label: classname}).
-# `spec` is the DATASETS entry plus its "name".
-
-LAYOUTS = {  # what each kind expects, for error messages; d = <root>/<dataset folder>
-    "split": "{d}/{images}/... and {d}/{split}", "toy": "{d}/{images}/... and {d}/{split}",
-    "imagenet": "{d}/images/train/<wnid>/*.JPEG, {d}/images/val/<wnid>/*.JPEG, {d}/classnames.txt",
-    "wnids": "{d}/{images}/<wnid>/<image> and {d}/classnames.txt",
-    "numbered": "{d}/{images}/<0..999>/<image> and {d}/classnames.txt",
-    "fgvc": "{d}/images/*.jpg, {d}/variants.txt, {d}/images_variant_{{train,val,test}}.txt",
-    "folder": "<root>/<class name>/<image> (root is the folder itself)"}
-
-
+# ---- Readers: each returns ({"train"|"val"|"test": [(path, label)]}, {label: classname}).
 def _layout(spec):
+    """The layout dataset `spec` expects, for error messages."""
     text = LAYOUTS[spec["kind"]].format(d=f"<root>/{spec['dir']}".rstrip("/"), **spec)
     return text.replace("//", "/")
 
 
 def _need(path, spec, what="", isdir=True):
+    """`path` if it exists, else a DataError that names it and the layout `spec` wants."""
     if not (os.path.isdir(path) if isdir else os.path.isfile(path)):
-        raise DataError(f"{spec['name']}: {path} not found. {what}"
-                        f"Expected layout: {_layout(spec)}")
+        raise DataError(f"{spec['name']}: {path} not found. {what}Expected layout: "
+                        f"{_layout(spec)}")
     return path
 
 
@@ -133,33 +121,29 @@ def _listdir(path, dirs):
         e.is_dir() if dirs else e.is_file() and e.name.lower().endswith(IMAGE_EXTS)))
 
 
-def _parse_split(data, image_dir, spec):
+def _read_split(split, image_dir, spec):
+    """A split in CoOp's JSON format (a dict, or the path of its file) -> (splits, names)."""
+    if isinstance(split, str):
+        with open(_need(split, spec, f"Download {os.path.basename(split)} from the link in "
+                        "CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) "
+                        "and put it there. ", isdir=False)) as f:
+            split = json.load(f)
     splits, names = {}, {}
-    rename, ignore = spec.get("rename", {}), spec.get("ignore", ())
     for key in ("train", "val", "test"):
-        splits[key] = []
-        for relpath, label, cname in data[key]:
-            if relpath.split("/")[0] not in ignore:
-                splits[key].append((os.path.join(image_dir, relpath), int(label)))
-                names.setdefault(int(label), rename.get(cname, cname))
+        rows = [(p, int(y), c) for p, y, c in split[key]
+                if p.split("/")[0] not in spec.get("ignore", ())]
+        splits[key] = [(os.path.join(image_dir, p), y) for p, y, _ in rows]
+        names.update((y, spec.get("rename", {}).get(c, c)) for _, y, c in rows)  # one per label
     return splits, names
 
 
-def _read_split_json(path, image_dir, spec):
-    file = os.path.basename(path)
-    _need(path, spec, f"Download {file} from the link in CoOp's DATASETS.md (github.com/"
-          "KaiyangZhou/CoOp/blob/main/DATASETS.md) and put it there. ", isdir=False)
-    with open(path) as f:
-        return _parse_split(json.load(f), image_dir, spec)
-
-
 def _make_folder_split(root, spec):
-    """Split each class folder 50/20/30 with a seeded shuffle, as CoOp's DTD.read_and_split_data
-    does when a split file is absent, and save it as root/split_folder.json."""
-    classes = _listdir(root, dirs=True)
+    """Split each class folder 50/20/30 with a seeded shuffle (seed 0, shared by every run), as
+    CoOp's DTD.read_and_split_data does when a split file is absent; save it next to them."""
+    classes = _listdir(_need(root, spec), dirs=True)
     if not classes:
         raise DataError(f"folder: {root} has no class subfolders. Expected: {_layout(spec)}")
-    rng, data = random.Random(FOLDER_SPLIT_SEED), {"train": [], "val": [], "test": []}
+    rng, split = random.Random(0), {"train": [], "val": [], "test": []}
     for label, cname in enumerate(classes):
         files = _listdir(os.path.join(root, cname), dirs=False)
         if not files:
@@ -167,20 +151,19 @@ def _make_folder_split(root, spec):
                             f"({', '.join(IMAGE_EXTS)}); add some or remove the folder")
         rng.shuffle(files)
         # NOTE(simplification): at least one train image per class; CoOp asserts instead.
-        n_train = max(1, round(FOLDER_SPLIT[0] * len(files)))
-        n_val = round(FOLDER_SPLIT[1] * len(files))
-        chunks = files[:n_train], files[n_train:n_train + n_val], files[n_train + n_val:]
-        for key, chunk in zip(("train", "val", "test"), chunks):
-            data[key] += [[f"{cname}/{f}", label, cname] for f in chunk]
+        a = max(1, round(FOLDER_SPLIT[0] * len(files)))
+        b = a + round(FOLDER_SPLIT[1] * len(files))
+        for key, chunk in zip(split, (files[:a], files[a:b], files[b:])):
+            split[key] += [[f"{cname}/{f}", label, cname] for f in chunk]
     path = os.path.join(root, spec["split"])
     try:
         with open(path, "w") as f:
-            json.dump(data, f, indent=4)
+            json.dump(split, f, indent=4)
         print(f"wrote split {path}; later runs reuse it")
     except OSError as e:
         warnings.warn(f"folder: could not write {path} ({e}); using the split in memory, "
                       "so it is made again next run")
-    return data
+    return split
 
 
 def _read_wnid_folders(image_dir, wnids, wnid2name, spec):
@@ -191,10 +174,10 @@ def _read_wnid_folders(image_dir, wnids, wnid2name, spec):
                         "folders. Sort them into one folder per class (for ImageNet val the "
                         f"usual valprep.sh script does this). Expected layout: {_layout(spec)}")
     index = {w: i for i, w in enumerate(wnids)}
-    for w in folders:
-        if w not in index or w not in wnid2name:  # a stray folder would shift every label
-            raise DataError(f"{spec['name']}: unexpected folder {os.path.join(image_dir, w)} (not "
-                            f"in classnames.txt or images/train). Expected layout: {_layout(spec)}")
+    stray = [w for w in folders if w not in index or w not in wnid2name]
+    if stray:  # a stray folder would shift every label
+        raise DataError(f"{spec['name']}: unexpected folder {os.path.join(image_dir, stray[0])} "
+                        f"(not in classnames.txt or images/train). Expected: {_layout(spec)}")
     items = [(os.path.join(image_dir, w, f), index[w])
              for w in folders for f in _listdir(os.path.join(image_dir, w), dirs=False)]
     if not items:
@@ -202,8 +185,7 @@ def _read_wnid_folders(image_dir, wnids, wnid2name, spec):
     return items
 
 
-def _read_imagenet_like(root, spec):
-    d = _need(os.path.join(root, spec["dir"]), spec)
+def _read_imagenet_like(d, spec):
     path = _need(os.path.join(d, "classnames.txt"), spec, "It is CoOp's ImageNet classnames.txt "
                  "(linked in CoOp's DATASETS.md; each variant needs a copy). ", isdir=False)
     with open(path) as f:  # lines: "<wnid> <class name>", e.g. "n01440764 tench"
@@ -217,15 +199,14 @@ def _read_imagenet_like(root, spec):
         wnid2name = dict(zip(wnids, wnid2name.values()))
     else:  # sorted wnid folders; -A and -R have 200 of them, relabelled 0..199
         wnids = _listdir(train_dir or test_dir, dirs=True)
-    train = _read_wnid_folders(train_dir, wnids, wnid2name, spec) if train_dir else []
     test = _read_wnid_folders(test_dir, wnids, wnid2name, spec)
+    train = _read_wnid_folders(train_dir, wnids, wnid2name, spec) if imagenet else []
     # NOTE(official code): ImageNet's val folder is the test set and also serves as val.
-    splits = {"train": train, "val": test if train_dir else [], "test": test}
-    return splits, {i: wnid2name[w] for i, w in enumerate(wnids)}
+    return {"train": train, "val": test if imagenet else [], "test": test}, dict(
+        enumerate(wnid2name[w] for w in wnids))
 
 
-def _read_fgvc(root, spec):
-    d = _need(os.path.join(root, spec["dir"]), spec)
+def _read_fgvc(d, spec):
     with open(_need(os.path.join(d, "variants.txt"), spec, isdir=False)) as f:
         names = dict(enumerate(line.strip() for line in f if line.strip()))
     label_of, splits = {c: i for i, c in names.items()}, {}
@@ -236,22 +217,40 @@ def _read_fgvc(root, spec):
         bad = [r for r in rows if len(r) < 2 or r[1] not in label_of]
         if bad:
             raise DataError(f"fgvc_aircraft: {path} names a variant not in variants.txt: {bad[0]}")
-        splits[key] = [(os.path.join(d, spec["images"], i + ".jpg"), label_of[c]) for i, c in rows]
+        splits[key] = [(os.path.join(d, "images", i + ".jpg"), label_of[c]) for i, c in rows]
     return splits, names
 
 
-def _check_files(splits, spec, source):
+def _read(root, spec):
+    """Dispatch on the dataset kind -> (splits, names, template); every listed image exists."""
+    kind, template = spec["kind"], spec["template"]
+    d = os.path.join(root, spec["dir"])
+    if kind == "toy":
+        from toy import world  # lazy: only the toy entry needs it
+        d, template = world.ensure_dataset(root), world.TEMPLATE
+    if kind in ("imagenet", "wnids", "numbered"):  # listed from the folders: they exist
+        return (*_read_imagenet_like(_need(d, spec), spec), template)
+    if kind == "fgvc":
+        splits, names = _read_fgvc(_need(d, spec), spec)
+        source = "images_variant_*.txt"
+    elif kind == "folder" and not os.path.isfile(os.path.join(root, spec["split"])):
+        splits, names = _read_split(_make_folder_split(root, spec), root, spec)
+        source = os.path.join(root, spec["split"])
+    else:  # a split JSON: CoOp's, the toy's or a folder's saved one
+        source = os.path.join(_need(d, spec), spec["split"])
+        if kind == "folder":
+            print(f"using the saved split {source} (delete it to split the folder again)")
+        splits, names = _read_split(source, os.path.join(d, spec["images"]), spec)
     paths = [p for items in splits.values() for p, _ in items]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{spec['name']}: {len(missing)} of {len(paths)} images listed in {source}"
                         f" are missing, e.g. {missing[0]}. Is the data root right? Expected "
                         f"layout: {_layout(spec)}")
+    return splits, names, template
 
 
-# ---------------------------------------------------------------------------------------------
-# load(): read, few-shot sample, and the base/new split
-
+# ---- load(): read, few-shot sample; and the base/new split
 def _subset(splits, names, labels):
     """Keep the items whose label is in `labels` (sorted) and relabel them 0..len(labels)-1."""
     new = {old: i for i, old in enumerate(labels)}
@@ -264,45 +263,17 @@ def _fewshot(items, shots, rng, classnames, what):
     generate_fewshot_dataset). A class with fewer than K images is used whole, with a warning."""
     if shots <= 0:
         return items
-    groups, picked, short = {}, [], []
+    groups, picked = {}, []
     for item in items:
         groups.setdefault(item[1], []).append(item)
-    for label, group in groups.items():
-        if len(group) < shots:
-            short.append(f"'{classnames[label]}' ({len(group)})")
+    for group in groups.values():
         picked += rng.sample(group, shots) if len(group) >= shots else group
+    short = [f"'{classnames[y]}' ({len(g)})" for y, g in groups.items() if len(g) < shots]
     if short:
         more = f" and {len(short) - 10} more" if len(short) > 10 else ""
         warnings.warn(f"{what}: {len(short)} classes have fewer than {shots} images and are used "
                       f"whole: {', '.join(short[:10])}{more}")
     return picked
-
-
-def _read(root, spec):
-    """Dispatch on the dataset kind -> (splits, names, template)."""
-    kind, template = spec["kind"], spec["template"]
-    if kind in ("imagenet", "wnids", "numbered"):
-        return (*_read_imagenet_like(root, spec), template)
-    if kind == "fgvc":
-        splits, names = _read_fgvc(root, spec)
-        source = "images_variant_*.txt"
-    elif kind == "folder":
-        source = os.path.join(_need(root, spec), spec["split"])
-        if os.path.isfile(source):
-            print(f"using the saved split {source} (delete it to split the folder again)")
-            splits, names = _read_split_json(source, root, spec)
-        else:
-            splits, names = _parse_split(_make_folder_split(root, spec), root, spec)
-    else:
-        if kind == "toy":
-            from toy import world  # lazy: only the toy entry needs it
-            dataset_dir, template = world.ensure_dataset(root), world.TEMPLATE
-        else:
-            dataset_dir = _need(os.path.join(root, spec["dir"]), spec)
-        source = os.path.join(dataset_dir, spec["split"])
-        splits, names = _read_split_json(source, os.path.join(dataset_dir, spec["images"]), spec)
-    _check_files(splits, spec, source)
-    return splits, names, template
 
 
 def load(name, root, shots=-1, seed=1):
@@ -311,7 +282,7 @@ def load(name, root, shots=-1, seed=1):
     Raises DataError, naming the expected path and layout, when files are missing."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
-    spec = dict(DATASETS[name], name=name)
+    spec = DATASETS[name]
     splits, names, template = _read(os.path.expanduser(str(root)), spec)
     splits, classnames = _subset(splits, names, sorted(names))  # 0..n-1 even if ignores left gaps
     classnames = [c.replace("_", " ") for c in classnames]  # as every CoOp trainer does
@@ -337,24 +308,24 @@ def base_new(ds):
         splits, names = _subset({"train": ds.train, "val": ds.val, "test": ds.test},
                                 ds.classnames, keep)
         out.append(replace(ds, classnames=names, subset=subset, **splits))
-    return out[0], out[1]
+    return tuple(out)
 
 
-# ---------------------------------------------------------------------------------------------
-# Transforms (Dassl:dassl/data/transforms/transforms.py with CoOp's configs) and loaders
+def halves(ds, protocol):
+    """The class halves a protocol trains and tests on: {"base", "new"} or {"all"}."""
+    return dict(zip(("base", "new"), base_new(ds))) if protocol == "base2new" else {"all": ds}
 
-BICUBIC = T.InterpolationMode.BICUBIC
 
-
+# ---- Transforms (Dassl:dassl/data/transforms/transforms.py with CoOp's configs) and loaders
 def train_transform(n_px):
-    crop = T.RandomResizedCrop(n_px, scale=(0.08, 1.0), interpolation=BICUBIC)  # Dassl's scale
-    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    crop = T.RandomResizedCrop(n_px, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(clip.MEAN, clip.STD)])  # (3, n_px, n_px)
 
 
-def test_transform(n_px):
-    """Aspect-preserving resize + centre crop (CoOp #8: a plain square resize costs ~1 point)."""
-    return T.Compose([T.Resize(n_px, interpolation=BICUBIC), T.CenterCrop(n_px),
-                      T.ToTensor(), T.Normalize(MEAN, STD)])  # (3, n_px, n_px)
+# CLIP's own test transform: aspect-preserving bicubic resize, centre crop, normalise (a plain
+# square resize costs ~1 point, CoOp #8).
+test_transform = clip.preprocess
 
 
 class ImageList(torch.utils.data.Dataset):
@@ -370,46 +341,45 @@ class ImageList(torch.utils.data.Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB")  # as Dassl's read_image
+                return self.transform(im.convert("RGB")), label  # RGB as Dassl's read_image
         except (OSError, ValueError, SyntaxError):
             return None, path
-        return self.transform(image), label
 
 
 def _collate(batch):
-    """Drop unreadable images; their paths travel with the batch so that the main process can
-    count them even when workers (num_workers > 0) did the reading."""
+    """Drop unreadable images; their paths travel with the batch, so the main process counts
+    them even when workers (num_workers > 0) did the reading."""
     good = [b for b in batch if b[0] is not None]
-    bad = [b[1] for b in batch if b[0] is None]
     images = torch.stack([b[0] for b in good]) if good else torch.empty(0)  # (B, 3, n_px, n_px)
-    return images, torch.tensor([b[1] for b in good], dtype=torch.long), bad  # labels (B,)
+    labels = torch.tensor([b[1] for b in good], dtype=torch.long)  # (B,)
+    return images, labels, [b[1] for b in batch if b[0] is None]
 
 
 class Loader(torch.utils.data.DataLoader):
-    """A DataLoader yielding (images (B, 3, n_px, n_px), labels (B,)). Unreadable images are
-    skipped with a warning; `skipped` holds their paths and `n_skipped` counts them (each file
-    once, however many epochs). Works with any num_workers: the paths come back with the batch."""
+    """A DataLoader of (images (B, 3, n_px, n_px), labels (B,)). An unreadable image is skipped
+    with a warning, once per file however many epochs; `skipped` holds the paths."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.skipped, self.n_skipped = set(), 0
+        self.skipped = set()
 
     def __iter__(self):
         for images, labels, bad in super().__iter__():
             for path in set(bad) - self.skipped:
                 warnings.warn(f"skipping unreadable image {path}")
                 self.skipped.add(path)
-            self.n_skipped = len(self.skipped)
             if len(labels):
                 yield images, labels
 
 
-def make_loader(items, transform, batch_size, train, num_workers=0, seed=0):
-    """Train: shuffled by a seeded torch.Generator, and drop_last only when there is at least
-    one full batch (as Dassl), so fewer images than a batch still train. Eval: in order."""
+def make_loader(items, n_px, batch_size, train, num_workers=0, seed=0):
+    """Train: augmented (train_transform), shuffled by a seeded torch.Generator, and drop_last
+    only when there is at least one full batch (as Dassl), so fewer images than a batch still
+    train. Otherwise: test_transform, in order."""
     if not items:
         raise DataError("no images to load: this split is empty (test-only datasets such as "
                         "the ImageNet variants have no train/val split)")
+    transform = train_transform(n_px) if train else test_transform(n_px)
     return Loader(ImageList(items, transform), batch_size=batch_size, shuffle=train,
                   generator=torch.Generator().manual_seed(seed) if train else None,
                   drop_last=train and len(items) >= batch_size, num_workers=num_workers,

@@ -27,7 +27,7 @@ What is trained (`finetune_part`):
     "last:N"  the image encoder's last N blocks and its head (ViT: ln_post, proj; ResNet: the
               last N bottlenecks of layer1..layer4 in order, then attnpool)
 
-Memory (显存): "all" on ViT-B/16 trains ~150M parameters: weights, gradients and SGD momentum
+Memory: "all" on ViT-B/16 trains ~150M parameters: weights, gradients and SGD momentum
 take ~1.8 GB in fp32, plus the activations of both towers (the text tower runs all n_cls
 prompts with gradients in every step). Checkpoints hold the whole trained part: ~600 MB for
 "all" (checkpoint.pt with momentum twice that), instead of CoOp's kilobytes.
@@ -47,6 +47,7 @@ import clip
 # momentum 0.9, weight decay 5e-4, one warm-up epoch at 1e-5, then cosine).
 DEFAULTS = dict(
     finetune_part="all",  # the notes' "full fine-tuning"; "image" / "last:N" to compare
+    template=None,  # the classifier to start from: None = the dataset's zero-shot template
     # SGD, not AdamW (the usual optimiser for fine-tuning CLIP): one loop for every method.
     # SGD's step scales with the gradient, so the rate must be small for pretrained weights:
     # 1e-4, 20x below CoOp's 0.002. Measured on the toy only (3e-4 and 1e-3 damage both
@@ -118,16 +119,17 @@ class TrainedPart(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        freeze_batchnorm(self)  # train.py calls model.prompt_learner.train()
+        freeze_batchnorm(self)
         return self
 
 
 class FineTune(nn.Module):
     """CLIP with its zero-shot classifier, the part `finetune_part` trainable.
 
-    Fine-tunes `clip_model` in place (no copy: it is large). `prompt_learner` is the trained
-    part (the name train.py saves and loads; it holds no prompt): loading a saved one into a
-    FineTune built for other class names evaluates the fine-tuned encoders on those classes."""
+    Fine-tunes `clip_model` in place (no copy: it is large). `trained_part` holds the trained
+    tensors under CLIP's names; train.py saves the model's state minus `clip_model`, which is
+    exactly that part. Loading it into a FineTune built for other class names evaluates the
+    fine-tuned encoders on those classes."""
 
     def __init__(self, clip_model, classnames, finetune_part="all", template="a photo of a {}."):
         super().__init__()
@@ -135,8 +137,8 @@ class FineTune(nn.Module):
         if "{}" not in template:
             raise ValueError(f"template {template!r} needs a {{}} for the class name")
         clip_model.requires_grad_(False)  # logit_scale and whatever `part` leaves out
-        # Registered before clip_model, so named_parameters() reports "prompt_learner.visual...".
-        self.prompt_learner = TrainedPart(clip_model, names).requires_grad_(True)
+        # Registered before clip_model, so named_parameters() reports "trained_part.visual...".
+        self.trained_part = TrainedPart(clip_model, names).requires_grad_(True)
         self.clip_model = clip_model
         self.train_text = finetune_part == "all"
         prompts = [template.format(c.replace("_", " ")) for c in classnames]
@@ -183,4 +185,4 @@ if __name__ == "__main__":
                    for k, v in tiny.state_dict().items() if not torch.equal(v, before[k])}
         print(f"{part}: logits {tuple(logits.shape)}, trainable parameters "
               f"{sum(p.numel() for p in params):,}, saved tensors "
-              f"{len(model.prompt_learner.state_dict())}, changed {sorted(changed)}")
+              f"{len(model.trained_part.state_dict())}, changed {sorted(changed)}")

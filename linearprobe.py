@@ -1,4 +1,4 @@
-"""Linear probe (线性探针) on frozen CLIP image features: the CoOp paper's few-shot baseline.
+"""Linear probe on frozen CLIP image features: the CoOp paper's few-shot baseline.
 
 The other classic way to adapt a pretrained encoder: freeze it, and fit a logistic-regression
 classifier (one weight vector w_k and bias b_k per class) on the features of the few labelled
@@ -8,7 +8,7 @@ that prompt learning is built to avoid:
   the text feature of the class name, a prior learnt from 400M image-text pairs; the CoOp paper
   (main few-shot figure) finds the probe needs about 4 shots to match zero-shot on average,
   and CoOp beats it in the low-shot regime;
-- it is a closed-set classifier (闭集分类器): there is one w_k per training class and nothing
+- it is a closed-set classifier: there is one w_k per training class and nothing
   to score a class it never saw, so base -> new (the new classes, 未见类别) is impossible by
   construction. CoOp keeps the text encoder as the generator of the classifier, so any class
   name gets a weight (notes: "什么是上下文").
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import clip
 
 DEFAULTS = dict(
+    protocol="fewshot",  # closed-set: only the all-class protocol (check_protocol)
     normalize=True,  # L2-normalise the features (as every method here; see NOTE in features())
     c_grid=(1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6),  # CoOp:lpclip/linear_probe.py search_list
     search_steps=8,  # lpclip/linear_probe.py --num_step 8 (bisection steps)
@@ -138,9 +139,9 @@ class LinearProbe(nn.Module):
         self.normalize, self.c_grid = normalize, tuple(c_grid)
         self.search_steps, self.max_iter = search_steps, max_iter
         self.head = Head(clip_model.visual.output_dim, len(self.classnames))  # (n_cls, E)
-        # Fitted in closed form by L-BFGS, not by train.py's SGD loop: nothing requires grad.
+        # Fitted in closed form by fit() (train.py calls it instead of its SGD loop): nothing
+        # requires grad.
         self.head.requires_grad_(False)
-        self.prompt_learner = self.head  # the name train.py saves and loads (holds no prompt)
         self.C = None
 
     def train(self, mode=True):
@@ -164,14 +165,18 @@ class LinearProbe(nn.Module):
         return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
 
     def fit(self, train_loader, val_loader):
-        """Extract features once, choose C and fit the head. Returns (C, val accuracy %)."""
+        """Extract features once, choose C and fit the head; prints and returns (C, val
+        accuracy %). The loaders must give un-augmented (test-transformed) images: lpclip
+        extracts every split without augmentation."""
         train_x, train_y = self.extract(train_loader)
         val_x, val_y = self.extract(val_loader)
         weight, bias, self.C = fit(train_x, train_y, val_x, val_y, len(self.classnames),
                                    self.c_grid, self.search_steps, self.max_iter)
         self.head.weight.copy_(weight)
         self.head.bias.copy_(bias)
-        return self.C, 100.0 * accuracy(weight, bias, val_x, val_y).item()
+        val_acc = 100.0 * accuracy(weight, bias, val_x, val_y).item()
+        print(f"linear probe: C {self.C:.3g}, validation accuracy {val_acc:.1f}%")
+        return self.C, val_acc
 
     def forward(self, images):
         f = self.features(images)  # (B, E)

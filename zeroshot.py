@@ -29,19 +29,28 @@ import clip
 
 PHOTO = "a photo of a {}."  # CLIP's and CoOp's default template (datasets have their own)
 # CoOp:trainers/zsclip.py IMAGENET_TEMPLATES_SELECT: 7 of CLIP's 80 ImageNet templates, the
-# ensemble of `--ensemble` (CoOp adds the dataset's own template, except for ImageNet).
+# ensemble of `ensemble=True` (CoOp's ZeroshotCLIP2 adds the dataset's own template, except for
+# ImageNet).
 ENSEMBLE_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.",
                       "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
                       "a photo of the small {}."]
 
 
-class ZeroShot(nn.Module):
-    """Frozen CLIP + hand-written prompts. forward(images) -> logits (B, n_cls). With several
-    templates, the normalised text features are averaged and normalised again (prompt
-    ensembling)."""
+# train.py passes these to ZeroShot(...); template None: the dataset's own (CoOp:trainers/
+# zsclip.py CUSTOM_TEMPLATES). Nothing is trained.
+DEFAULTS = dict(template=None, ensemble=False)
 
-    def __init__(self, clip_model, classnames, templates=(PHOTO,)):
+
+class ZeroShot(nn.Module):
+    """Frozen CLIP + hand-written prompts. forward(images) -> logits (B, n_cls). `template`: one
+    template; `ensemble`: the 7 ENSEMBLE_TEMPLATES too (plus `template` unless it is None), the
+    normalised text features averaged and normalised again (prompt ensembling)."""
+
+    def __init__(self, clip_model, classnames, template=PHOTO, ensemble=False):
         super().__init__()
+        templates = (ENSEMBLE_TEMPLATES if ensemble else []) + ([template] if template else [])
+        if not templates:
+            raise ValueError("no template: pass a template, or ensemble=True")
         for t in templates:
             if "{}" not in t:
                 raise ValueError(f"template {t!r} needs a {{}} for the class name")
@@ -70,7 +79,7 @@ if __name__ == "__main__":  # self-check on a tiny random CLIP: no weights, no d
                      vision_patch_size=8, context_length=77, vocab_size=49408,
                      transformer_width=64, transformer_heads=1, transformer_layers=2)
     names = ["cat", "dog", "sea_lion", "fox", "golden retriever"]
-    model = ZeroShot(tiny.eval(), names, [PHOTO] + ENSEMBLE_TEMPLATES)
+    model = ZeroShot(tiny.eval(), names, PHOTO, ensemble=True)
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 32, 32))  # (B, 3, H, W) -> (B, n_cls)
     print("templates", len(model.tokens), "logits", tuple(logits.shape))

@@ -21,9 +21,8 @@ def tiny_clip(seed=0, resnet=False):
 
 
 def sgd_step(model, n_px=32, steps=1):
-    """What train.py does: CLIP in eval mode, the trained part in train mode, SGD steps."""
-    model.eval()
-    model.prompt_learner.train()
+    """What train.py does: model.train() (BatchNorm stays in eval mode), SGD steps."""
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
     for _ in range(steps):
@@ -50,7 +49,7 @@ def test_finetuning_changes_the_chosen_parameters_and_nothing_else(part, expecte
     model = finetune.FineTune(clip_model, NAMES, finetune_part=part)
     trainable = {name for name, p in clip_model.named_parameters() if p.requires_grad}
     assert trainable == {k for k in before if expected(k)}
-    saved = model.prompt_learner.state_dict()
+    saved = model.trained_part.state_dict()
     assert set(saved) == trainable  # CLIP's own names, exactly the trained tensors
     sgd_step(model)
     changed = changed_keys(clip_model, before)
@@ -64,7 +63,7 @@ def test_resnet_batchnorm_keeps_pretrained_statistics():
     clip_model = tiny_clip(resnet=True)
     before = {k: v.clone() for k, v in clip_model.state_dict().items()}
     model = finetune.FineTune(clip_model, NAMES, finetune_part="last:1")
-    assert set(model.prompt_learner.state_dict()) == {
+    assert set(model.trained_part.state_dict()) == {
         k for k in before if k.startswith(("visual.layer4.0.", "visual.attnpool."))}
     model.train()
     assert not any(m.training for m in clip_model.modules()
@@ -94,10 +93,10 @@ def test_saved_part_loads_into_a_model_for_other_classes():
     trained_clip = tiny_clip(seed=2)
     trained = finetune.FineTune(trained_clip, NAMES, finetune_part="last:1")
     sgd_step(trained, steps=2)
-    state = trained.prompt_learner.state_dict()
+    state = trained.trained_part.state_dict()
     fresh_clip = tiny_clip(seed=2)  # the same pretrained weights, not fine-tuned
     other = finetune.FineTune(fresh_clip, ["red fox", "airplane"], finetune_part="last:1")
-    other.prompt_learner.load_state_dict(state)  # strict
+    other.trained_part.load_state_dict(state)  # strict
     for k, v in trained_clip.state_dict().items():
         assert torch.equal(fresh_clip.state_dict()[k], v), k
     images = torch.randn(3, 3, 32, 32)
@@ -182,7 +181,7 @@ def test_linear_probe_model_fits_from_loaders_and_scores_images():
     with torch.no_grad():
         pred = torch.cat([probe(images).argmax(dim=-1) for images, _ in test])
     assert torch.equal(pred, torch.cat([y for _, y in test]))
-    assert set(probe.prompt_learner.state_dict()) == {"weight", "bias"}
+    assert set(probe.head.state_dict()) == {"weight", "bias"}
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -194,6 +193,6 @@ def test_base2new_with_the_linear_probe_gives_its_message():
     probe = linearprobe.LinearProbe(tiny_clip(), ["a", "b", "c", "d"])
     other = linearprobe.LinearProbe(tiny_clip(), ["a", "b"])
     with pytest.raises(ValueError, match="fitted on 4 classes, the dataset has 2"):
-        other.prompt_learner.load_state_dict(probe.prompt_learner.state_dict())
+        other.head.load_state_dict(probe.head.state_dict())
     with pytest.raises(ValueError, match="needs training and validation images"):
         linearprobe.fit(*clusters(2), torch.zeros(0, 32), torch.zeros(0), 4)

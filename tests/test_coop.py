@@ -145,7 +145,7 @@ def test_epochs_per_shots_and_defaults():
     assert [coop.epochs_for(s, "dtd") for s in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
     assert coop.epochs_for(16, "imagenet") == 50
     assert coop.DEFAULTS["n_ctx"] == 16 and coop.DEFAULTS["ctx_init"] == ""
-    assert coop.BASE2NEW == dict(n_ctx=4, ctx_init="a photo of a")
+    assert coop.PROTOCOLS["base2new"] == dict(n_ctx=4, ctx_init="a photo of a")
     with pytest.raises(ValueError, match="class_token_position"):
         coop.CoOp(tiny_clip(), NAMES, class_token_position="start")
 

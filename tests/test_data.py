@@ -156,7 +156,7 @@ def test_imagenet_a_relabels_its_200_class_subset(tmp_path):
     assert (str(d / "imagenet-a" / "n05" / "a.jpg"), 2) in ds.test
     assert ds.test_only and ds.train == [] and ds.val == []
     with pytest.raises(DataError, match="empty"):
-        data.make_loader(ds.train, data.train_transform(8), 4, train=True)
+        data.make_loader(ds.train, 8, 4, train=True)
 
 
 def test_imagenetv2_numbered_folders(tmp_path):
@@ -340,27 +340,27 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     good = items(tmp_path, 3)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
-    loader = data.make_loader(good + [(str(bad), 1)], data.test_transform(8), 2, train=False)
+    loader = data.make_loader(good + [(str(bad), 1)], 8, 2, train=False)
     with pytest.warns(UserWarning, match="bad.jpg"):
         batches = list(loader)
-    assert sum(len(y) for _, y in batches) == 3 and loader.n_skipped == 1
+    assert sum(len(y) for _, y in batches) == 3 and len(loader.skipped) == 1
     list(loader)  # a second epoch does not count the same file again
-    assert loader.n_skipped == 1 and loader.skipped == {str(bad)}
+    assert len(loader.skipped) == 1 and loader.skipped == {str(bad)}
 
 
 def test_fewer_images_than_a_batch_still_train(tmp_path):
-    loader = data.make_loader(items(tmp_path, 3), data.train_transform(8), 8, train=True)
+    loader = data.make_loader(items(tmp_path, 3), 8, 8, train=True)
     (images, labels), = list(loader)
     assert images.shape == (3, 3, 8, 8) and labels.dtype == torch.long and len(loader) == 1
 
 
 def test_train_loader_drops_last_and_is_seeded(tmp_path):
     xs = items(tmp_path, 10)
-    order = [torch.cat([y for _, y in data.make_loader(xs, data.test_transform(8), 4, True,
+    order = [torch.cat([y for _, y in data.make_loader(xs, 8, 4, True,
                                                        seed=s)]) for s in (0, 0, 1)]
     assert len(order[0]) == 8  # two full batches of 4, the last 2 dropped
     assert torch.equal(order[0], order[1])
-    test_labels = torch.cat([y for _, y in data.make_loader(xs, data.test_transform(8), 4, False)])
+    test_labels = torch.cat([y for _, y in data.make_loader(xs, 8, 4, False)])
     assert test_labels.tolist() == [i % 3 for i in range(10)]  # eval: all, in order
 
 

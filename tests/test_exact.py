@@ -167,7 +167,8 @@ def test_bench_quick_prints_the_table():
     num = r" +([\d.e+-]+)"
     rows = re.findall(rf"^(CoOp step|CoCoOp step|MaPLe step|CoOp eval) \(.*?\){num}{num}{num}x"
                       rf"{num}x{num}{num} +(?:[\d.]+x|-) +(\S+)$", out, flags=re.M)
-    assert [r[0] for r in rows] == ["CoOp step", "CoCoOp step", "MaPLe step", "CoOp eval"], out
+    assert [r[0] for r in rows] == ["CoOp step", "CoCoOp step", "CoCoOp step", "MaPLe step",
+                                    "CoOp eval"], out
     for row in rows:  # timings were measured, and the outputs are identical
         assert min(float(x) for x in row[1:7]) >= 0 and float(row[1]) > 0, row
         assert float(row[7]) < 1e-4, row

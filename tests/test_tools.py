@@ -13,6 +13,7 @@ from PIL import Image
 
 import clip
 import data
+import runs
 import train
 from tools import interpret, predict, reproduce, summarise
 from conftest import make_tiny_clip
@@ -50,9 +51,9 @@ def test_predict_gives_the_evaluation_predictions(world, capsys):
     rows = predict.main(["--load", run, *paths, "--topk", "2", "--device", "cpu",
                          "--out", str(tmp / "preds.csv")])
     # a direct forward of the model evaluation builds, over the same images
-    saved = torch.load(tmp / "fewshot" / "prompt_learner.pt", weights_only=True)
+    saved = torch.load(tmp / "fewshot" / "learned.pt", weights_only=True)
     cfg = saved["config"]
-    model = train.build_model(cfg, clip.load(world["ckpt"], "cpu")[0], ds, saved["prompt_learner"])
+    model = train.build_model(cfg, clip.load(world["ckpt"], "cpu")[0], ds, saved["learned"])
     images = torch.stack([data.test_transform(32)(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         want = model.eval()(images).argmax(dim=-1).tolist()  # (N,)
@@ -108,15 +109,15 @@ def test_predict_bad_inputs_get_clear_errors(world, tmp_path):
              ([img, "--backbone", str(tmp_path / "moved" / "tiny.pt")], "do not fit a coop"),
              ([img, "--out", "preds.txt"], ".csv or .json")]
     for extra, message in cases:
-        with pytest.raises(train.USER_ERRORS, match=message):
+        with pytest.raises(runs.USER_ERRORS, match=message):
             predict.main(["--load", run, "--device", "cpu", *extra])
     for load, message in ((tmp_path / "random.pt", "not a prompt file"),
-                          (tmp_path / "empty", "holds no prompt_learner.pt")):
+                          (tmp_path / "empty", "holds no learned.pt")):
         with pytest.raises(ValueError if "prompt file" in message else FileNotFoundError,
                            match=message):
             predict.main(["--load", str(load), img])
-    saved = torch.load(os.path.join(run, "prompt_learner.pt"), weights_only=True)
-    torch.save({"prompt_learner": {"ctx": torch.zeros(3, 16, 64)},
+    saved = torch.load(os.path.join(run, "learned.pt"), weights_only=True)
+    torch.save({"learned": {"prompt_learner.ctx": torch.zeros(3, 16, 64)},
                 "config": dict(saved["config"], csc=True)}, tmp_path / "csc.pt")
     with pytest.raises(ValueError, match=r"class-specific context \(csc\) for 3 classes, not 4"):
         predict.main(["--load", str(tmp_path / "csc.pt"), img])  # the run's 4 classes
@@ -139,18 +140,19 @@ def test_interpret_reads_each_context_vector(world, tmp_path, capsys):
     assert shown[-5] == "(#1)" and float(shown[-6]) < 0.01  # the 2nd vector is still "photo"
     moved = next(line for line in out.splitlines() if "moved from the init" in line).split()
     assert moved[-8::2] == ["a", "photo", "of", "a"] and max(map(float, moved[-7::2])) < 0.01
-    few = interpret.main([str(world["tmp"] / "fewshot" / "prompt_learner.pt"), "--topk", "2"])
+    few = interpret.main([str(world["tmp"] / "fewshot" / "learned.pt"), "--topk", "2"])
     assert len(few["ctx"]) == 16 and all(len(w) == 2 and w[0][1] <= w[1][1] for w in few["ctx"])
     (tmp_path / "words.txt").write_text("outline sketch\nphoto")
     only = interpret.main([str(world["tmp"] / "b2n"), "--words", str(tmp_path / "words.txt")])
     assert {w for words in only["ctx"] for w, _ in words} <= {"outline", "sketch", "photo"}
     # class-specific CoOp and MaPLe layouts, in hand-made prompt files of the run's config
-    cfg = torch.load(world["tmp"] / "b2n" / "prompt_learner.pt", weights_only=True)["config"]
+    cfg = torch.load(world["tmp"] / "b2n" / "learned.pt", weights_only=True)["config"]
     files = {"csc": {"ctx": torch.randn(2, 3, 64) * 0.02},
              "maple": {"ctx": torch.randn(2, 64), "compound_prompts_text.0": torch.randn(2, 64),
                        "proj.weight": torch.randn(128, 64)}}
     for name, state in files.items():
-        torch.save({"prompt_learner": state, "config": cfg}, tmp_path / f"{name}.pt")
+        torch.save({"learned": {f"prompt_learner.{k}": v for k, v in state.items()},
+                    "config": cfg}, tmp_path / f"{name}.pt")
     csc = interpret.main([str(tmp_path / "csc.pt"), "--max-classes", "1"])
     assert list(csc) == ["ctx, 'cat'"] and len(csc["ctx, 'cat'"]) == 3
     maple = interpret.main([str(tmp_path / "maple.pt")])

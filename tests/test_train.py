@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import clip
+import runs
 import train
 import zeroshot
 from conftest import make_tiny_clip
@@ -69,15 +70,16 @@ def test_end_to_end_run(world):
     assert all(isinstance(v, float) and 0 <= v <= 100 for v in acc.values())
     assert acc["hm"] == pytest.approx(2 * acc["base"] * acc["new"] / (acc["base"] + acc["new"]))
     assert results["config"]["n_ctx"] == 4 and results["config"]["ctx_init"] == "a photo of a"
-    saved = torch.load(out / "prompt_learner.pt", weights_only=True)
-    assert list(saved["prompt_learner"]) == ["ctx"] and saved["config"]["method"] == "coop"
+    saved = torch.load(out / "learned.pt", weights_only=True)
+    assert list(saved["learned"]) == ["prompt_learner.ctx"]
+    assert saved["config"]["method"] == "coop"
     log = (out / "log.txt").read_text()
     assert "epoch [2/2] batch [2/2] loss" in log and "hm" in log.splitlines()[-1]
 
 
-def learned(run_dir, name="prompt_learner.pt"):
+def learned(run_dir, name="learned.pt"):
     """The learned tensors a run saved (or its checkpoint's, name="checkpoint.pt")."""
-    return torch.load(os.path.join(run_dir, name), weights_only=True)["prompt_learner"]
+    return torch.load(os.path.join(run_dir, name), weights_only=True)["learned"]
 
 
 def count_steps(monkeypatch):
@@ -152,13 +154,15 @@ def test_zeroshot_with_own_template_and_ensemble(world):
 
 def test_zeroshot_ensemble_averages_normalised_features(world):
     clip_model = clip.load(world["ckpt"], "cpu")[0]
-    templates = ["a photo of a {}.", "art of the {}."]
-    model = zeroshot.ZeroShot(clip_model, ["cat", "dog"], templates)
+    templates = zeroshot.ENSEMBLE_TEMPLATES + ["a blurry photo of a {}."]
+    model = zeroshot.ZeroShot(clip_model, ["cat", "dog"], templates[-1], ensemble=True)
+    only_seven = zeroshot.ZeroShot(clip_model, ["cat", "dog"], None, ensemble=True)
     with torch.no_grad():
-        feats = [torch.nn.functional.normalize(clip_model.encode_text(
-            clip.tokenize([t.format(c) for c in ["cat", "dog"]])), dim=-1) for t in templates]
-        want = torch.nn.functional.normalize(feats[0] + feats[1], dim=-1)
-        torch.testing.assert_close(model.text_features(), want)
+        feats = torch.stack([torch.nn.functional.normalize(clip_model.encode_text(
+            clip.tokenize([t.format(c) for c in ["cat", "dog"]])), dim=-1) for t in templates])
+        for got, rows in ((model, feats), (only_seven, feats[:7])):
+            want = torch.nn.functional.normalize(rows.sum(0), dim=-1)
+            torch.testing.assert_close(got.text_features(), want)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(world):
@@ -166,7 +170,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(world):
         train.main(args(world, "nan", "--method", "coop", "--epochs", "2", "--lr", "1e30",
                         "--protocol", "fewshot"))
     ckpt = torch.load(world["tmp"] / "nan" / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and torch.isfinite(ckpt["prompt_learner"]["ctx"]).all()
+    assert ckpt["epoch"] == 1 and torch.isfinite(ckpt["learned"]["prompt_learner.ctx"]).all()
 
 
 @pytest.mark.parametrize("extra, error, message", [
@@ -176,10 +180,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(world):
     (["--method", "zeroshot", "--template", "a photo"], "ValueError", "needs a {}"),
     (["--method", "cocoop", "--csc"], "ValueError", "--csc is not an option"),
     (["--eval-only"], "ValueError", "--load DIR"),
-    (["--eval-only", "--load", "/no/such/run"], "FileNotFoundError", "no prompt_learner.pt"),
+    (["--eval-only", "--load", "/no/such/run"], "FileNotFoundError", "no learned.pt"),
 ])
 def test_bad_input_gives_a_clear_error(world, extra, error, message):
-    with pytest.raises(train.USER_ERRORS) as info:
+    with pytest.raises(runs.USER_ERRORS) as info:
         train.main(args(world, "bad", *extra))
     assert type(info.value).__name__ == error and message in str(info.value)
 
@@ -212,9 +216,8 @@ def test_finetune_and_linear_probe_run_end_to_end(world):
     res = train.main(args(world, "ft", "--method", "finetune", "--finetune-part", "image",
                           "--epochs", "1"))
     assert set(res["accuracy"]) == {"base", "new", "hm"}
-    saved = torch.load(world["tmp"] / "ft" / "prompt_learner.pt", weights_only=True)
-    assert saved["prompt_learner"] and all(k.startswith("visual.")
-                                           for k in saved["prompt_learner"])
+    saved = learned(world["tmp"] / "ft")
+    assert saved and all(k.startswith("trained_part.visual.") for k in saved)
     res = train.main(args(world, "lp", "--method", "linearprobe"))  # fewshot by default
     assert res["protocol"] == "fewshot" and set(res["accuracy"]) == {"all"}
     res = train.main(["--eval-only", "--load", str(world["tmp"] / "lp"), "--dataset", "folder",

@@ -1,7 +1,7 @@
 """Interpret learned context: the nearest vocabulary tokens of each context vector.
 
     python tools/interpret.py out/toy/coop/toy_16shots_base2new/seed1
-    python tools/interpret.py RUN/prompt_learner.pt --topk 5 --max-classes 3
+    python tools/interpret.py RUN/learned.pt --topk 5 --max-classes 3
     python tools/interpret.py RUN --words my_words.txt
 
 The CoOp paper interprets each learned context vector [V]_m by the words whose token
@@ -29,13 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 import clip  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from clip.tokenizer import SOT_TOKEN, encode, token_strings  # noqa: E402
 from tools.predict import load_prompts  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("prompts", help="a training run's output folder or its prompt_learner.pt")
+parser.add_argument("prompts", help="a training run's output folder or its learned.pt")
 parser.add_argument("--topk", type=int, default=5, help="nearest tokens per vector (default 5)")
 parser.add_argument("--max-classes", type=int, default=3, help="class-specific context: show "
                     "the first this many classes (default 3)")
@@ -128,6 +129,7 @@ def main(argv=None):
     if args.topk < 1:
         raise ValueError("--topk must be at least 1")
     state, cfg, path = load_prompts(args.prompts)
+    state = {k.removeprefix("prompt_learner."): v for k, v in state.items()}  # the learner's
     backbone = args.backbone or cfg["backbone"]
     table = clip.load(backbone, "cpu")[0].token_embedding.weight.detach().float()  # (49408, D)
     names = None
@@ -173,4 +175,4 @@ def main(argv=None):
     return result
 
 if __name__ == "__main__":
-    train.run_cli(main)
+    runs.run_cli(main)

@@ -4,7 +4,7 @@
     python tools/predict.py --load RUN --classes "cat,dog,red fox" 'photos/*.jpg' --out preds.csv
     python tools/predict.py --method zeroshot --backbone ViT-B/16 --classes cat,dog dog.jpg
 
---load takes a train.py output folder (or its prompt_learner.pt): the method, backbone and
+--load takes a train.py output folder (or its learned.pt): the method, backbone and
 method options come from the saved configuration, and the model is built by train.build_model,
 exactly as for evaluation. The class names default to the training run's (its base classes for
 a base2new run; --subset new for the unseen half), read from its dataset; any other list works
@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 import clip  # noqa: E402
 import data  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -36,7 +37,7 @@ parser = argparse.ArgumentParser(description=__doc__,
 parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) "
                     "or quoted globs such as 'photos/**/*.jpg'")
 parser.add_argument("--load", metavar="RUN", help="a training run's output folder (or its "
-                    "prompt_learner.pt / checkpoint.pt)")
+                    "learned.pt / checkpoint.pt)")
 parser.add_argument("--method", help="zeroshot: hand-written prompts, no --load; otherwise a "
                     "check that --load holds this method's prompts")
 parser.add_argument("--backbone", help="zeroshot: the CLIP model (default ViT-B/16); with "
@@ -53,11 +54,12 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 
 
 def load_prompts(path):
-    """A train.py prompt file (or the run folder holding it) -> (state dict, config, file)."""
+    """A train.py learned.pt (or checkpoint.pt, or the run folder holding it) ->
+    (learned state dict, config, file)."""
     if os.path.isdir(path):
-        path = os.path.join(path, "prompt_learner.pt")
+        path = os.path.join(path, "learned.pt")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{os.path.dirname(path)} holds no prompt_learner.pt: pass "
+            raise FileNotFoundError(f"{os.path.dirname(path)} holds no learned.pt: pass "
                                     "the output folder of a finished training run (an "
                                     "unfinished one: its checkpoint.pt)")
     elif not os.path.isfile(path):
@@ -66,14 +68,14 @@ def load_prompts(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
         raise ValueError(f"could not read {path} as a torch file ({type(e).__name__}: "
-                         f"{str(e)[:150]}); pass a training run's prompt_learner.pt") from None
-    if not (isinstance(saved, dict) and isinstance(saved.get("prompt_learner"), dict)
+                         f"{str(e)[:150]}); pass a training run's learned.pt") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("learned"), dict)
             and isinstance(saved.get("config"), dict)
             and {"method", "backbone", "dataset", "model_options"} <= set(saved["config"])):
         raise ValueError(f"{path} is not a prompt file written by train.py (a dict with "
-                         "'prompt_learner' and 'config'); pass a training run's "
-                         "prompt_learner.pt or its output folder")
-    return saved["prompt_learner"], saved["config"], path
+                         "'learned' and 'config'); pass a training run's learned.pt or its "
+                         "output folder")
+    return saved["learned"], saved["config"], path
 
 
 def run_classes(cfg, subset=None):
@@ -170,7 +172,7 @@ def predict(model, paths, n_px, device, batch_size=64):
     """Probabilities (N, n_cls) of the readable images and the paths they belong to. The same
     transform and loader as evaluation; each item's "label" is its index, to find it again."""
     model.eval()
-    loader = data.make_loader([(p, i) for i, p in enumerate(paths)], data.test_transform(n_px),
+    loader = data.make_loader([(p, i) for i, p in enumerate(paths)], n_px,
                               batch_size, False)
     text_features = model.text_features() if hasattr(model, "text_features") else None
     probs, kept = [], []
@@ -209,7 +211,7 @@ def main(argv=None):
     cfg, state, source = configure(args)
     cfg["device"] = args.device
     classnames = class_list(args, cfg)
-    ctx = state.get("ctx") if state else None
+    ctx = state.get("prompt_learner.ctx") if state else None
     if ctx is not None and ctx.dim() == 3:  # CoOp class-specific context: one per run class
         if len(ctx) != len(classnames):
             raise ValueError(f"{source} holds class-specific context (csc) for {len(ctx)} "
@@ -222,8 +224,8 @@ def main(argv=None):
     ds = data.Dataset(cfg["dataset"], classnames, [], [], [], data.PHOTO)
     try:
         model = train.build_model(cfg, clip_model, ds, state)
-    except RuntimeError as e:  # load_state_dict: missing keys or other shapes
-        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+    except ValueError as e:  # train.load_learned: missing keys or other shapes
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4]) or str(e)
         raise ValueError(f"the prompts in {source} do not fit a {cfg['method']} model on "
                          f"backbone {cfg['backbone']!r} ({detail}): prompts fit only the method, "
                          "backbone and options they were trained with") from None
@@ -243,4 +245,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.run_cli(main)
+    runs.run_cli(main)

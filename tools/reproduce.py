@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)  # the repository root: train, data, clip, tools
 
 import clip  # noqa: E402
 import data  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from tools import summarise  # noqa: E402
 
@@ -61,13 +62,6 @@ parser.add_argument("--out", default="out", help="output folder (default: out, w
 parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
 
 
-def run_dir(out, dataset, method, bb, shots, protocol, seed):
-    """train.py's default --out layout, under `out`."""
-    bb = bb.replace("/", "-") if bb in clip.available_models() else \
-        os.path.splitext(os.path.basename(bb))[0]
-    return os.path.join(out, dataset, method, f"{bb}_{shots}shots_{protocol}", f"seed{seed}")
-
-
 def plan(args):
     """[(train.py arguments, its output folder, the run it needs first or None)], in order."""
     method = args.method or ("coop" if args.protocol == "fewshot" else "cocoop")
@@ -79,7 +73,7 @@ def plan(args):
         for ds in args.datasets or summarise.PAPER_ORDER:
             for k in shots:
                 for seed in args.seeds:
-                    out = run_dir(args.out, ds, method, bb, k, args.protocol, seed)
+                    out = runs.folder(args.out, ds, method, bb, k, args.protocol, seed)
                     jobs.append((["--method", method, "--dataset", ds, "--root", args.root,
                                   "--protocol", args.protocol, "--shots", str(k), "--seed",
                                   str(seed), "--backbone", bb, "--out", out], out, None))
@@ -92,7 +86,7 @@ def plan(args):
                                 else summarise.VARIANTS)
     shots = (args.shots or [16])[0]
     for seed in args.seeds:
-        src = run_dir(args.out, "imagenet", method, bb, shots, "xd", seed)
+        src = runs.folder(args.out, "imagenet", method, bb, shots, "xd", seed)
         jobs.append((["--method", method, "--dataset", "imagenet", "--root", args.root,
                       "--protocol", "fewshot", "--shots", str(shots), "--seed", str(seed),
                       "--backbone", bb, *XD.get(method, []), "--out", src], src, None))
@@ -136,4 +130,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.run_cli(main)
+    runs.run_cli(main)
