@@ -169,7 +169,8 @@ def check_lengths(classnames, prompts, n_ctx, name_lens, context_length):
             raise ValueError(
                 f"the prompt for class {name!r} is {n} tokens (SOS + {n_ctx} context + {n_name} "
                 f"class-name tokens + '.' + EOT) but the context length is {context_length}: "
-                f"use fewer context tokens (--n-ctx) or a shorter class name")
+                f"use fewer context tokens (n_ctx, or a shorter ctx_init) or a shorter class "
+                "name")
 
 
 class CoOp(nn.Module):

@@ -127,7 +127,11 @@ def _read_split(split, image_dir, spec):
         with open(_need(split, spec, f"Download {os.path.basename(split)} from the link in "
                         "CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) "
                         "and put it there. ", isdir=False)) as f:
-            split = json.load(f)
+            try:
+                split = json.load(f)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise DataError(f"{spec['name']}: {f.name} is not valid JSON ({e}); download it "
+                                "again, or delete it if train.py wrote it") from None
     splits, names = {}, {}
     for key in ("train", "val", "test"):
         rows = [(p, int(y), c) for p, y, c in split[key]
@@ -309,6 +313,29 @@ def base_new(ds):
                                 ds.classnames, keep)
         out.append(replace(ds, classnames=names, subset=subset, **splits))
     return tuple(out)
+
+
+def check(halves, train=True, val=False):
+    """Refuse, before any training, what cannot give a meaningful run: fewer than two classes to
+    tell apart, or a class without images in a split the run needs (test; train and val of the
+    first half when `train` / `val`)."""
+    first = next(iter(halves.values()))
+    if len(first.classnames) < 2:
+        raise DataError(f"{first.name}: {len(first.classnames)} class(es) to train on; a "
+                        "classifier needs at least 2 (base2new: 3, for a base and a new half)")
+    for d in halves.values():
+        for split in ("train",) * (train and d is first) + ("val",) * (val and d is first) + (
+                "test",):
+            empty = sorted(set(range(len(d.classnames))) - {y for _, y in getattr(d, split)})
+            if split == "train" and d.test_only:
+                raise DataError(f"{d.name} is test-only (no training images): evaluate "
+                                "trained prompts on it with --eval-only --load RUN_DIR")
+            if empty:
+                raise DataError(
+                    f"{d.name} ({d.subset}): {len(empty)} of {len(d.classnames)} classes have no "
+                    f"{split} images, e.g. {d.classnames[empty[0]]!r}. Add images (a folder "
+                    "dataset splits each class 50/20/30: at least 4 per class), or choose "
+                    "another --dataset")
 
 
 def halves(ds, protocol):

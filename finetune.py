@@ -143,8 +143,11 @@ class FineTune(nn.Module):
         self.train_text = finetune_part == "all"
         prompts = [template.format(c.replace("_", " ")) for c in classnames]
         # The class prompts' ids depend on the class names: not saved (persistent=False).
-        self.register_buffer("tokens", clip.tokenize(prompts, clip_model.context_length).to(
-            clip_model.logit_scale.device), persistent=False)  # (n_cls, L)
+        try:
+            tokens = clip.tokenize(prompts, clip_model.context_length)  # (n_cls, L)
+        except RuntimeError as e:  # a class name and its template over the context length
+            raise ValueError(f"{e} Shorten the class name or the template.") from None
+        self.register_buffer("tokens", tokens.to(clip_model.logit_scale.device), persistent=False)
 
     def train(self, mode=True):
         super().train(mode)

@@ -12,8 +12,13 @@ prompt learners are not saved (persistent=False), so the tensors fit a model bui
 classes (base -> new, cross-dataset).
 
 Bad input, anywhere in train.py or tools/, ends with "error: <message>" and exit status 2,
-without a traceback (`run_cli`).
+without a traceback (`run_cli`), and as much of it as can be known is refused before any work:
+values outside their meaning (`positive`, `shots`), options that do not go together
+(`check_config`), an output folder that cannot be written or that holds a finished run, or a
+--resume whose settings differ from the checkpoint's (`run_folder`). Ctrl-C ends with one line
+that says where the last checkpoint is.
 """
+import argparse
 import contextlib
 import json
 import os
@@ -27,8 +32,80 @@ import data
 # Bad input: reported as "error: <message>", exit status 2, no traceback. Anything else is a bug.
 USER_ERRORS = (data.DataError, clip.CheckpointError, clip.DownloadError, ValueError,
                FileNotFoundError)
+# What shapes a run's result: --resume refuses a checkpoint written with other values.
+SHAPES_RESULT = ("method", "dataset", "root", "backbone", "shots", "seed", "protocol", "lr",
+                 "batch_size", "epochs", "precision")
 
 
+# ---- the command line: values, combinations
+def positive(kind):
+    """An argparse type: a number of `kind` (int, float) greater than 0."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+    return parse
+
+
+def shots(text):
+    """An argparse type: images per class, a positive count or -1 for all of them."""
+    value = int(text)
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(f"a positive number of images per class, or -1 for "
+                                         f"all of them; got {text}")
+    return value
+
+
+def check_config(cfg, given, flags, module):
+    """Refuse what cannot mean what the user wants, before any work. `given`: the keys set on
+    the command line; `flags`: the method options train.py has flags for."""
+    if cfg["method"] != given.get("method", cfg["method"]):
+        raise ValueError(f"--method {given['method']}, but --load {cfg['load']} holds "
+                         f"{cfg['method']} prompts")
+    for key in flags:
+        if key in given and key not in cfg["model_options"]:
+            raise ValueError(f"--{key.replace('_', '-')} is not an option of --method "
+                             f"{cfg['method']}")
+    if hasattr(module, "check_protocol"):  # the linear probe: the all-class protocol only
+        module.check_protocol(cfg["protocol"])
+    trains = cfg["method"] != "zeroshot"
+    if not trains and {"epochs", "lr", "resume", "load"} & set(given):
+        raise ValueError("--method zeroshot trains nothing: drop --epochs/--lr/--resume/--load")
+    if trains and cfg["eval_only"] != bool(cfg["load"]):
+        raise ValueError("--eval-only and --load DIR (a training run's output folder) go "
+                         f"together for --method {cfg['method']}")
+    try:
+        device = torch.device(cfg["device"])
+    except RuntimeError:
+        raise ValueError(f"--device {cfg['device']}: not a device torch knows; use cpu or "
+                         "cuda (cuda:N for the N-th GPU)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg['device']}, but torch finds no CUDA GPU; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {cfg['device']}, but torch finds only "
+                         f"{torch.cuda.device_count()} GPU(s): cuda:0 .. cuda:"
+                         f"{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {cfg['device']}: train.py runs on cpu or cuda")
+    if cfg["precision"] not in (None, "fp32") and device.type != "cuda":
+        raise ValueError(f"--precision {cfg['precision']} needs a GPU; on the CPU use fp32")
+
+
+def check_context_length(model, cfg, given):
+    """ctx_init sets CoOp's and CoCoOp's context length: an explicit --n-ctx (`given`) that it
+    would override is refused; otherwise a note says which length runs."""
+    n_ctx = getattr(getattr(model, "prompt_learner", None), "n_ctx", None)
+    if n_ctx is None or n_ctx == cfg.get("n_ctx"):
+        return
+    if given is not None:
+        raise ValueError(f"--n-ctx {given}, but --ctx-init {cfg['ctx_init']!r} sets the context "
+                         f"length ({n_ctx} tokens): pass --ctx-init '' for {given} random context "
+                         f"vectors, or --ctx-init with the {given} words to start from")
+    print(f"note: n_ctx is {n_ctx}, the length of ctx_init {cfg['ctx_init']!r}")
+
+
+# ---- the run's folder
 def folder(root, dataset, method, backbone, shots, protocol, seed):
     """train.py's default output folder: ROOT/DATASET/METHOD/BACKBONE_<shots>shots_PROTOCOL/
     seed<seed>, with the backbone's name ('ViT-B-16') or its checkpoint file's stem."""
@@ -121,12 +198,64 @@ class Tee(list):
 
 
 @contextlib.contextmanager
-def logged(out, append=False):
-    """Everything printed (and warned) inside also goes to OUT/log.txt."""
-    with open(os.path.join(out, "log.txt"), "a" if append else "w") as log, \
+def run_folder(cfg):
+    """Make the output folder ready (refusing to replace a finished run, or to resume with other
+    settings), and send everything printed (and warned) inside also to OUT/log.txt. Ctrl-C
+    ends with one line saying where the last checkpoint is."""
+    out, ckpt = cfg["out"], os.path.join(cfg["out"], "checkpoint.pt")
+    if os.path.isfile(out):
+        raise ValueError(f"--out {out} is a file; pass a folder (new or a run's own)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror}); pass another --out") \
+            from None
+    if not cfg["overwrite"]:
+        check_folder(cfg, ckpt)
+    for name in ("results.json", "learned.pt", "checkpoint.pt") if cfg["overwrite"] else ():
+        if os.path.isfile(os.path.join(out, name)):  # --overwrite: the old run goes
+            os.remove(os.path.join(out, name))
+    with open(os.path.join(out, "log.txt"), "a" if cfg["resume"] else "w") as log, \
             contextlib.redirect_stdout(Tee([sys.stdout, log])), \
             contextlib.redirect_stderr(Tee([sys.stderr, log])):
-        yield
+        try:
+            yield
+        except KeyboardInterrupt:
+            epoch = torch.load(ckpt, weights_only=True)["epoch"] if os.path.isfile(ckpt) else 0
+            raise Interrupted(f"interrupted. {ckpt} holds epoch {epoch}: run the same command "
+                              "with --resume to continue" if epoch else
+                              "interrupted before the first epoch ended; nothing was saved") \
+                from None
+
+
+def check_folder(cfg, ckpt):
+    """A finished run is never replaced, an interrupted one not restarted, a checkpoint not
+    resumed with other settings, without a word."""
+    if os.path.isfile(os.path.join(cfg["out"], "results.json")):
+        raise ValueError(f"{cfg['out']} holds a finished run (results.json)"
+                         f"{': nothing to resume' if cfg['resume'] else ''}. Pass --overwrite to "
+                         "replace it, or another --out")
+    if not os.path.isfile(ckpt):
+        return
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if not cfg["resume"]:
+        raise ValueError(f"{cfg['out']} holds an interrupted run ({ckpt}, epoch "
+                         f"{saved['epoch']}): pass --resume to continue it, --overwrite to "
+                         "start again, or another --out")
+    keys = [*SHAPES_RESULT, *cfg["model_options"], *saved["config"]["model_options"]]
+    diff = [f"{k} {saved['config'].get(k)!r} there, {cfg.get(k)!r} now" for k in dict.fromkeys(
+        keys) if saved["config"].get(k) != cfg.get(k)]
+    if diff:
+        raise ValueError(f"--resume: {ckpt} was written with other settings ({'; '.join(diff)}). "
+                         "Resume with the checkpoint's settings, or pass --overwrite (or another "
+                         "--out) to start again")
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run (run_cli prints it without a traceback, exit status 130)."""
 
 
 def run_cli(main):
@@ -134,6 +263,8 @@ def run_cli(main):
     2, a non-finite loss with status 1; no traceback for either."""
     try:
         main()
-    except (*USER_ERRORS, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1 if isinstance(e, FloatingPointError) else 2)
+    except (*USER_ERRORS, FloatingPointError, Interrupted) as e:
+        print(f"{'' if isinstance(e, Interrupted) else 'error: '}{e}", file=sys.stderr)
+        sys.exit({FloatingPointError: 1, Interrupted: 130}.get(type(e), 2))
+    except KeyboardInterrupt:  # before the run's folder was set up: nothing to lose
+        sys.exit(130)

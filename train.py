@@ -51,7 +51,7 @@ RUN = dict(
     workers=4 if torch.cuda.is_available() else 0,  # data-loading processes
     device="cuda" if torch.cuda.is_available() else "cpu",
     precision=None,  # None: amp on a GPU with bf16, else fp32
-    out=None, eval_only=False, load=None, resume=False, stop_after_epoch=None,
+    out=None, eval_only=False, load=None, resume=False, overwrite=False, stop_after_epoch=None,
     checkpointing=False)
 MODEL_FLAGS = ("n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth",
                "finetune_part", "template", "ensemble")
@@ -76,6 +76,8 @@ g.add_argument("--load", metavar="DIR", help="with --eval-only: a training run's
                "whose method, backbone and method options are used (any --dataset)")
 g.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run "
                "from the checkpoint in --out (same result as an uninterrupted run)")
+g.add_argument("--overwrite", action="store_true", default=None, help="replace the run already in "
+               "--out (without it, a finished or interrupted run there is refused)")
 g.add_argument("--device", help=f"cpu or cuda (default: {RUN['device']})")
 g.add_argument("--precision", choices=["amp", "fp32", "fp16"], help="amp: bf16 autocast, fp32 "
                "weights (default on a GPU); fp32 (default on the CPU); fp16: the official pure "
@@ -87,29 +89,29 @@ g.add_argument("--stop-after-epoch", type=int, help=argparse.SUPPRESS)  # tests:
 g = parser.add_argument_group("data")
 g.add_argument("--dataset", help=f"{', '.join(data.DATASETS)} (default: toy)")
 g.add_argument("--root", help="data root; for 'folder' the folder itself (default: ./data)")
-g.add_argument("--shots", type=int, help="training images per class, -1 all (default: 16)")
+g.add_argument("--shots", type=runs.shots, help="training images per class, -1 all (default: 16)")
 g.add_argument("--protocol", choices=["base2new", "fewshot"], help="base2new: train on the base "
                "classes, test base and new; fewshot: all classes (default: base2new)")
 g.add_argument("--backbone", help=f"{', '.join(clip.available_models())} or a checkpoint file "
                "(default: ViT-B/16; toy with the toy dataset)")
 g = parser.add_argument_group("method (defaults: each method file's DEFAULTS; the toy run: "
                               "toy/world.py RECIPES)")
-g.add_argument("--n-ctx", type=int, help=f"context tokens M ({_defaults('n_ctx')})")
+g.add_argument("--n-ctx", type=runs.positive(int), help=f"context tokens M ({_defaults('n_ctx')})")
 g.add_argument("--ctx-init", help=f"initial context words ({_defaults('ctx_init')}); '' for "
                "random N(0, 0.02)")
 g.add_argument("--csc", action="store_true", default=None, help="coop: class-specific context")
 g.add_argument("--class-token-position", choices=["end", "middle", "front"], help="coop (end)")
-g.add_argument("--prompt-depth", type=int, help=f"maple ({_defaults('prompt_depth')})")
+g.add_argument("--prompt-depth", type=runs.positive(int), help=f"maple ({_defaults('prompt_depth')})")
 g.add_argument("--finetune-part", help="finetune: all (default), image, or last:N (the image "
                "encoder's last N blocks and head)")
 g.add_argument("--template", help="zeroshot, finetune: e.g. 'a blurry photo of a {}.' (default: "
                "the dataset's, CoOp's CUSTOM_TEMPLATES)")
 g.add_argument("--ensemble", action="store_true", default=None, help="zeroshot: prompt "
                "ensembling over 7 ImageNet templates and the dataset's")
-g.add_argument("--epochs", type=int, help=f"({_defaults('epochs')}; coop by shots: 1 -> 50, "
+g.add_argument("--epochs", type=runs.positive(int), help=f"({_defaults('epochs')}; coop by shots: 1 -> 50, "
                "2-4 -> 100, 8-16 -> 200, ImageNet 50)")
-g.add_argument("--lr", type=float, help=f"SGD learning rate ({_defaults('lr')})")
-g.add_argument("--batch-size", type=int, help=f"({_defaults('batch_size')})")
+g.add_argument("--lr", type=runs.positive(float), help=f"SGD learning rate ({_defaults('lr')})")
+g.add_argument("--batch-size", type=runs.positive(int), help=f"({_defaults('batch_size')})")
 
 
 def resolve_config(args):
@@ -130,7 +132,7 @@ def resolve_config(args):
     cfg.update(saved)
     cfg.update(given, method=method, protocol=protocol)
     cfg["model_options"] = [k for k in recipe if k not in RUN]  # the model's constructor args
-    check_config(cfg, given, module)
+    runs.check_config(cfg, given, MODEL_FLAGS, module)
     if cfg["precision"] is None:  # bf16 autocast needs no loss scaling (fp16 autocast would)
         cuda = cfg["device"].startswith("cuda")
         cfg["precision"] = "amp" if cuda and torch.cuda.is_bf16_supported() else "fp32"
@@ -139,29 +141,6 @@ def resolve_config(args):
             cfg["load"] else runs.folder("out", cfg["dataset"], method, cfg["backbone"],
                                          cfg["shots"], protocol, cfg["seed"])
     return cfg
-
-
-def check_config(cfg, given, module):
-    """Refuse what cannot mean what the user wants, before any work."""
-    if cfg["method"] != given.get("method", cfg["method"]):
-        raise ValueError(f"--method {given['method']}, but --load {cfg['load']} holds "
-                         f"{cfg['method']} prompts")
-    for key in MODEL_FLAGS:
-        if key in given and key not in cfg["model_options"]:
-            raise ValueError(f"--{key.replace('_', '-')} is not an option of --method "
-                             f"{cfg['method']}")
-    if hasattr(module, "check_protocol"):  # the linear probe: the all-class protocol only
-        module.check_protocol(cfg["protocol"])
-    if module is zeroshot and {"epochs", "lr", "resume", "load"} & set(given):
-        raise ValueError("--method zeroshot trains nothing: drop --epochs/--lr/--resume/--load")
-    if module is not zeroshot and cfg["eval_only"] != bool(cfg["load"]):
-        raise ValueError("--eval-only and --load DIR (a training run's output folder) go "
-                         f"together for --method {cfg['method']}")
-    cuda = cfg["device"].startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg['device']}, but torch finds no CUDA GPU; use cpu")
-    if cfg["precision"] not in (None, "fp32") and not cuda:
-        raise ValueError(f"--precision {cfg['precision']} needs a GPU; on the CPU use fp32")
 
 
 def get_lr(epoch, lr, epochs, warmup_lr=1e-5):
@@ -181,7 +160,12 @@ def build_model(cfg, clip_model, ds, learned=None):
         # NOTE(official code): zero-shot ensembling adds it to its 7, except on ImageNet.
         options["template"] = None if options.get("ensemble") and ds.name == "imagenet" \
             else ds.template
-    model = METHODS[cfg["method"]][1](clip_model, ds.classnames, **options).to(cfg["device"])
+    try:
+        model = METHODS[cfg["method"]][1](clip_model, ds.classnames, **options)
+    except ValueError as e:  # an option that does not fit this model or class: name its flag
+        flags = [f"--{k.replace('_', '-')}" for k in options if k in str(e)]
+        raise ValueError(f"{e} ({', '.join(flags)})" if flags else str(e)) from None
+    model = model.to(cfg["device"])
     if learned is not None:
         runs.load_learned(model, learned)
     return model
@@ -247,9 +231,9 @@ def train(model, loader, cfg, amp):
 
 
 def main(argv=None):
-    cfg = resolve_config(parser.parse_args(argv))
-    os.makedirs(cfg["out"], exist_ok=True)
-    with runs.logged(cfg["out"], append=cfg["resume"]):
+    args = parser.parse_args(argv)
+    cfg = resolve_config(args)
+    with runs.run_folder(cfg):  # refuses to replace a finished run; log.txt; Ctrl-C
         print(" ".join(["python train.py", *(sys.argv[1:] if argv is None else argv)]),
               "config:", *(f"  {k}: {v}" for k, v in cfg.items()), sep="\n")
         # ---- data: the training classes first (base, or all), then the new half
@@ -257,6 +241,8 @@ def main(argv=None):
         ds = data.load(cfg["dataset"], cfg["root"], cfg["shots"], cfg["seed"])
         halves = data.halves(ds, cfg["protocol"])  # {"base": .., "new": ..} or {"all": ..}
         print(*halves.values(), sep="\n")
+        fits = hasattr(METHODS[cfg["method"]][1], "fit")  # the linear probe: val shots too
+        data.check(halves, train=not cfg["eval_only"] and cfg["method"] != "zeroshot", val=fits)
         # ---- model: one per half, built now, so every class's prompt is checked before training
         clip_model, _ = clip.load(cfg["backbone"], cfg["device"], fp16=cfg["precision"] == "fp16")
         for block in clip_model.transformer.resblocks:  # opt-in, see clip/model.py
@@ -264,6 +250,7 @@ def main(argv=None):
         loaded = runs.read(cfg["load"])["learned"] if cfg["load"] else None
         models = {k: build_model(cfg, clip_model, d, loaded) for k, d in halves.items()}
         model, shots = next(iter(models.values())), next(iter(halves.values()))
+        runs.check_context_length(model, cfg, args.n_ctx)
         trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         print("trainable parameters:", ", ".join(f"{k} {tuple(p.shape)}" for k, p in trainable[:8]),
               "..." * (len(trainable) > 8), f"= {sum(p.numel() for _, p in trainable):,}")
@@ -272,7 +259,7 @@ def main(argv=None):
         n_px = clip_model.visual.input_resolution
         # ---- train (the linear probe: fit in closed form, on un-augmented images)
         loaders, t0 = [], time.time()
-        if not cfg["eval_only"] and hasattr(model, "fit"):
+        if not cfg["eval_only"] and fits:
             loaders += [data.make_loader(s, n_px, cfg["eval_batch_size"], False, cfg["workers"])
                         for s in (shots.train, shots.val)]
             with amp:

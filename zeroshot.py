@@ -56,7 +56,11 @@ class ZeroShot(nn.Module):
                 raise ValueError(f"template {t!r} needs a {{}} for the class name")
         self.clip_model = clip_model.requires_grad_(False)
         names = [c.replace("_", " ") for c in classnames]
-        tokens = [clip.tokenize([t.format(c) for c in names]) for t in templates]
+        try:
+            tokens = [clip.tokenize([t.format(c) for c in names], clip_model.context_length)
+                      for t in templates]  # T x (n_cls, L)
+        except RuntimeError as e:  # a class name and its template over the context length
+            raise ValueError(f"{e} Shorten the class name or the template.") from None
         self.register_buffer("tokens", torch.stack(tokens).to(clip_model.logit_scale.device),
                              persistent=False)  # (T, n_cls, L)
 

@@ -119,9 +119,16 @@ def load_state_dict(path):
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file (zip, pickle, EOF ...)
-        raise CheckpointError(
-            f"could not read {path} as a checkpoint ({type(e).__name__}: {str(e)[:200]}). The "
-            "file may be truncated or corrupt: delete it and download it again.") from None
+        with open(path, "rb") as f:
+            start = f.read(12)
+        # A checkpoint starts as a zip ("PK") or a pickle (protocol opcode 0x80); anything else
+        # is another kind of file, not a damaged checkpoint.
+        advice = "The file may be truncated or corrupt: delete it and download it again." if \
+            start[:2] == b"PK" or start[:1] == b"\x80" else \
+            f"It is not a PyTorch checkpoint at all (it starts with {start!r}): pass a CLIP " \
+            "checkpoint (.pt) or a model name."
+        raise CheckpointError(f"could not read {path} as a checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:200]}). {advice}") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]  # a {"state_dict": ...} wrapper, as training scripts often save
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):

@@ -1,7 +1,11 @@
-"""Shared test helpers: a tiny random CLIP in OpenAI's layout, and a batch of images for it."""
+"""Shared test helpers: a tiny random CLIP in OpenAI's layout, images for it, image folders."""
+import os
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import clip
 
@@ -45,4 +49,15 @@ def toy_root(tmp_path_factory):
     from toy import world
     root = tmp_path_factory.mktemp("toy_data")
     world.ensure_dataset(str(root))
+    return str(root)
+
+
+def folder_dataset(root, classes, per_class=6, seed=0):
+    """root/<class>/<i>.png: 32x32 random-colour images (a 50/20/30 split: 3/1/2 per class)."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(os.path.join(root, c))
+        for i in range(per_class):
+            pixels = np.full((32, 32, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, c, f"{i}.png"))
     return str(root)

@@ -145,8 +145,10 @@ def test_corrupt_and_truncated_checkpoints(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint" * 100)
-    for path in (truncated, garbage):
-        with pytest.raises(clip.CheckpointError, match="truncated or corrupt"):
+    for path, message in ((truncated, "truncated or corrupt: delete it and download it again"),
+                          (garbage, r"not a PyTorch checkpoint at all \(it starts with "
+                                    r"b'this is not '\)")):
+        with pytest.raises(clip.CheckpointError, match=message):
             clip.load(str(path), device="cpu")
 
 

@@ -13,20 +13,9 @@ import clip
 import runs
 import train
 import zeroshot
-from conftest import make_tiny_clip
+from conftest import folder_dataset, make_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def folder_dataset(root, classes, per_class=6, seed=0):
-    """root/<class>/<i>.png: 32x32 random-colour images (a 50/20/30 split: 3/1/2 per class)."""
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        os.makedirs(os.path.join(root, c))
-        for i in range(per_class):
-            pixels = np.full((32, 32, 3), rng.integers(0, 256, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(os.path.join(root, c, f"{i}.png"))
-    return str(root)
 
 
 @pytest.fixture(scope="module")
