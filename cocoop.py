@@ -53,6 +53,8 @@ DEFAULTS = dict(
     shots=16,  # scripts/cocoop/base2new_train.sh (NUM_SHOTS)
     print_freq=20,  # same config (TRAIN.PRINT_FREQ)
 )
+# Every protocol uses these: CoOp:scripts/cocoop/xd_train.sh trains the cross-dataset source
+# model (ImageNet, 16 shots) with the same config.
 
 
 def _tokenize_prompts(prompts, classnames, context_length):

@@ -58,7 +58,11 @@ DEFAULTS = dict(
 # "CoOp" rows): CoOp:scripts/cocoop/base2new_train.sh selects configs/trainers/CoOp/
 # vit_b16_ctxv1.yaml, i.e. M = 4 initialised from "a photo of a" (200 epochs, batch 32; ImageNet
 # vit_b16_ep50_ctxv1).
-PROTOCOLS = {"base2new": dict(n_ctx=4, ctx_init="a photo of a")}
+# Cross-dataset transfer (CoCoOp paper Tables 2-3, "CoOp" rows: train on ImageNet, evaluate on
+# the other datasets): NOTE(inferred) the same vit_b16_ctxv1 setting, 50 epochs on ImageNet
+# (epochs_for); the paper does not print CoOp's transfer configuration.
+PROTOCOLS = {"base2new": dict(n_ctx=4, ctx_init="a photo of a"),
+             "crossdataset": dict(n_ctx=4, ctx_init="a photo of a")}
 
 
 def epochs_for(shots, dataset):
@@ -183,6 +187,11 @@ class CoOp(nn.Module):
         self.clip_model = clip_model
         self.prompt_learner = PromptLearner(clip_model, classnames, n_ctx, ctx_init, csc,
                                             class_token_position)  # the only trained parameters
+        # Class-specific context has one row per training class: it fits only those classes (not
+        # base -> new, not another dataset). Empty for unified context, which fits any classes.
+        self.class_specific = "class-specific context (csc) holds one context per training " \
+            "class; unified context (csc=False) fits any classes" if \
+            self.prompt_learner.ctx.dim() == 3 else ""
 
     def train(self, mode=True):
         # NOTE(official code): Dassl puts only the prompt learner in train mode; CLIP stays in

@@ -20,6 +20,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import clip
+import dassl_cache
 
 
 class DataError(Exception):
@@ -94,6 +95,7 @@ class Dataset:
     template: str                  # zero-shot template, e.g. "a photo of a {}."
     test_only: bool = False  # ImageNet variants: nothing to train on
     subset: str = "all"      # "all", "base" or "new"
+    source: str = ""         # where the few-shot images came from: a cache or our sampler
 
     def __str__(self):
         return (f"{self.name} ({self.subset}): {len(self.classnames)} classes, "
@@ -203,11 +205,16 @@ def _read_imagenet_like(d, spec):
         wnid2name = dict(zip(wnids, wnid2name.values()))
     else:  # sorted wnid folders; -A and -R have 200 of them, relabelled 0..199
         wnids = _listdir(train_dir or test_dir, dirs=True)
-    test = _read_wnid_folders(test_dir, wnids, wnid2name, spec)
-    train = _read_wnid_folders(train_dir, wnids, wnid2name, spec) if imagenet else []
-    # NOTE(official code): ImageNet's val folder is the test set and also serves as val.
-    return {"train": train, "val": test if imagenet else [], "test": test}, dict(
-        enumerate(wnid2name[w] for w in wnids))
+    cache = os.path.join(d, "preprocessed.pkl")
+    if imagenet and os.path.isfile(cache):  # the official file lists (their listdir order)
+        splits = dassl_cache.read(cache, d)
+        print(f"using the official image lists {cache}")
+    else:
+        splits = {"test": _read_wnid_folders(test_dir, wnids, wnid2name, spec), "train": (
+            _read_wnid_folders(train_dir, wnids, wnid2name, spec) if imagenet else [])}
+    # NOTE(official code): ImageNet's val folder is the test set; its val shots are drawn from
+    # the train images in load(), so that nothing is ever chosen on test images.
+    return dict(splits, val=[]), dict(enumerate(wnid2name[w] for w in wnids))
 
 
 def _read_fgvc(d, spec):
@@ -226,14 +233,15 @@ def _read_fgvc(d, spec):
 
 
 def _read(root, spec):
-    """Dispatch on the dataset kind -> (splits, names, template); every listed image exists."""
+    """Dispatch on the dataset kind -> (splits, names, template, dataset folder); every listed
+    image exists."""
     kind, template = spec["kind"], spec["template"]
     d = os.path.join(root, spec["dir"])
     if kind == "toy":
         from toy import world  # lazy: only the toy entry needs it
         d, template = world.ensure_dataset(root), world.TEMPLATE
     if kind in ("imagenet", "wnids", "numbered"):  # listed from the folders: they exist
-        return (*_read_imagenet_like(_need(d, spec), spec), template)
+        return (*_read_imagenet_like(_need(d, spec), spec), template, d)
     if kind == "fgvc":
         splits, names = _read_fgvc(_need(d, spec), spec)
         source = "images_variant_*.txt"
@@ -251,7 +259,7 @@ def _read(root, spec):
         raise DataError(f"{spec['name']}: {len(missing)} of {len(paths)} images listed in {source}"
                         f" are missing, e.g. {missing[0]}. Is the data root right? Expected "
                         f"layout: {_layout(spec)}")
-    return splits, names, template
+    return splits, names, template, d
 
 
 # ---- load(): read, few-shot sample; and the base/new split
@@ -282,23 +290,35 @@ def _fewshot(items, shots, rng, classnames, what):
 
 def load(name, root, shots=-1, seed=1):
     """Read dataset `name` under `root` (for "folder", root is the folder itself) and sample
-    `shots` training images per class (<= 0: all) and min(shots, 4) validation images.
+    `shots` training images per class (<= 0: all) and min(shots, 4) validation images: the
+    official picks where the dataset folder caches them (dassl_cache.py), else our sampler.
     Raises DataError, naming the expected path and layout, when files are missing."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
-    splits, names, template = _read(os.path.expanduser(str(root)), spec)
-    splits, classnames = _subset(splits, names, sorted(names))  # 0..n-1 even if ignores left gaps
+    splits, names, template, d = _read(os.path.expanduser(str(root)), spec)
+    cached = dassl_cache.fewshot(d, shots, seed, splits) if spec["dir"] else None
+    labels = sorted(names)  # relabelled 0..n-1, even if ignored folders left gaps
+    splits, classnames = _subset(splits, names, labels)
+    cached = _subset(cached, names, labels)[0] if cached else {}
     classnames = [c.replace("_", " ") for c in classnames]  # as every CoOp trainer does
     # One Random(seed), train then val, gives CoOp's few-shot picks for the same split order
     # (set_random_seed runs just before its sampling); any other random call in between, or
-    # ImageNet's unsorted listdir order there, would change them.
+    # ImageNet's unsorted listdir order there (preprocessed.pkl keeps it), would change them.
     rng = random.Random(seed)
-    train = _fewshot(splits["train"], shots, rng, classnames, f"{name} train")
-    val = splits["val"] if spec["kind"] == "imagenet" else \
-        _fewshot(splits["val"], min(shots, 4), rng, classnames, f"{name} val")
+    train = cached.get("train") or _fewshot(splits["train"], shots, rng, classnames,
+                                            f"{name} train")
+    val = cached.get("val") or _fewshot(splits["val"], min(shots, 4), rng, classnames,
+                                        f"{name} val")
+    if spec["kind"] == "imagenet":  # val shots from the train images not picked for training
+        picked = set(train)
+        val = _fewshot([x for x in splits["train"] if x not in picked], min(shots, 4), rng,
+                       classnames, f"{name} val") if shots > 0 else []
+    source = "the official few-shot cache " + os.path.join(
+        d, "split_fewshot", f"shot_{shots}-seed_{seed}.pkl") if cached else \
+        f"our sampler (Dassl's, seed {seed})" if shots > 0 else "all images"
     return Dataset(name, classnames, train, val, splits["test"], template,
-                   test_only=spec["kind"] in ("wnids", "numbered"))
+                   test_only=spec["kind"] in ("wnids", "numbered"), source=source)
 
 
 def base_new(ds):
@@ -315,31 +335,9 @@ def base_new(ds):
     return tuple(out)
 
 
-def check(halves, train=True, val=False):
-    """Refuse, before any training, what cannot give a meaningful run: fewer than two classes to
-    tell apart, or a class without images in a split the run needs (test; train and val of the
-    first half when `train` / `val`)."""
-    first = next(iter(halves.values()))
-    if len(first.classnames) < 2:
-        raise DataError(f"{first.name}: {len(first.classnames)} class(es) to train on; a "
-                        "classifier needs at least 2 (base2new: 3, for a base and a new half)")
-    for d in halves.values():
-        for split in ("train",) * (train and d is first) + ("val",) * (val and d is first) + (
-                "test",):
-            empty = sorted(set(range(len(d.classnames))) - {y for _, y in getattr(d, split)})
-            if split == "train" and d.test_only:
-                raise DataError(f"{d.name} is test-only (no training images): evaluate "
-                                "trained prompts on it with --eval-only --load RUN_DIR")
-            if empty:
-                raise DataError(
-                    f"{d.name} ({d.subset}): {len(empty)} of {len(d.classnames)} classes have no "
-                    f"{split} images, e.g. {d.classnames[empty[0]]!r}. Add images (a folder "
-                    "dataset splits each class 50/20/30: at least 4 per class), or choose "
-                    "another --dataset")
-
-
 def halves(ds, protocol):
-    """The class halves a protocol trains and tests on: {"base", "new"} or {"all"}."""
+    """The class halves a protocol trains and tests on: {"base", "new"} (base2new) or {"all"}
+    (fewshot, crossdataset)."""
     return dict(zip(("base", "new"), base_new(ds))) if protocol == "base2new" else {"all": ds}
 
 

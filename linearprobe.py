@@ -17,14 +17,14 @@ that prompt learning is built to avoid:
     min_{W,b}  (1/n) Σ_i CE(W f(x_i) + b, y_i) + ‖W‖² / (2 C n)
 
 This is sklearn's LogisticRegression objective (C · Σ CE + ‖W‖²/2, bias unpenalised) divided
-by C·n: the same minimiser, better scaled. Protocol (CoOp:lpclip/linear_probe.py, FACTS §3.11):
+by C·n: the same minimiser, better scaled. Protocol (CoOp:lpclip/linear_probe.py):
 L-BFGS with at most 1000 iterations; C from {1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6} by validation
 accuracy, then 8 steps of log-space bisection around the best C; the last step's model is used.
 
 Symbol -> code: w_k, b_k <-> head.weight[k], head.bias[k];  f(x) <-> normalised
 clip_model.encode_image(x);  C <-> inverse regularisation strength, chosen by fit().
 Shape legend: n feature rows, B images, n_cls classes, E joint embedding dim.
-Run: python train.py --method linearprobe --protocol fewshot   (the fewshot protocol only)
+Run: python train.py --method linearprobe     (all classes: the fewshot protocol by default)
 """
 import math
 
@@ -35,21 +35,12 @@ import torch.nn.functional as F
 import clip
 
 DEFAULTS = dict(
-    protocol="fewshot",  # closed-set: only the all-class protocol (check_protocol)
+    protocol="fewshot",  # closed-set: the all-class protocol (see class_specific)
     normalize=True,  # L2-normalise the features (as every method here; see NOTE in features())
     c_grid=(1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6),  # CoOp:lpclip/linear_probe.py search_list
     search_steps=8,  # lpclip/linear_probe.py --num_step 8 (bisection steps)
     max_iter=1000,  # lpclip/linear_probe.py LogisticRegression(max_iter=1000)
 )
-
-PROTOCOL_MESSAGE = ("the linear probe learns one weight vector per training class and cannot "
-                    "score classes it never saw (new classes); use --protocol fewshot")
-
-
-def check_protocol(protocol):
-    """The linear probe runs the all-class few-shot protocol only (see the module docstring)."""
-    if protocol != "fewshot":
-        raise ValueError(f"--protocol {protocol}: {PROTOCOL_MESSAGE}")
 
 
 def fit_logistic(x, y, n_cls, C, max_iter=1000):
@@ -115,18 +106,6 @@ def fit(train_x, train_y, val_x, val_y, n_cls, c_grid=DEFAULTS["c_grid"],
     return best[1], best[2], best[3]
 
 
-class Head(nn.Linear):
-    """w_k, b_k. A clear error instead of a size-mismatch traceback when a saved probe meets
-    another class list (cross-dataset, new classes): it can score its own classes only."""
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        n_saved = state_dict["weight"].shape[0] if "weight" in state_dict else None
-        if n_saved != self.out_features:
-            raise ValueError(f"this linear probe was fitted on {n_saved} classes, the dataset "
-                             f"has {self.out_features}: {PROTOCOL_MESSAGE}")
-        return super().load_state_dict(state_dict, strict, assign)
-
-
 class LinearProbe(nn.Module):
     """Frozen CLIP image encoder + a linear head fitted by fit(): forward(images) -> logits."""
 
@@ -138,11 +117,16 @@ class LinearProbe(nn.Module):
         self.classnames = list(classnames)  # only for printing: the probe never reads them
         self.normalize, self.c_grid = normalize, tuple(c_grid)
         self.search_steps, self.max_iter = search_steps, max_iter
-        self.head = Head(clip_model.visual.output_dim, len(self.classnames))  # (n_cls, E)
+        self.head = nn.Linear(clip_model.visual.output_dim, len(self.classnames))  # (n_cls, E)
         # Fitted in closed form by fit() (train.py calls it instead of its SGD loop): nothing
         # requires grad.
         self.head.requires_grad_(False)
         self.C = None
+
+    # One weight vector per training class: a closed-set classifier that cannot score other
+    # classes (train.py refuses base -> new and another dataset's classes for it).
+    class_specific = "a linear probe holds one weight vector per training class and cannot " \
+        "score other classes; prompt methods (coop, cocoop, maple) can"
 
     def train(self, mode=True):
         super().train(mode)
@@ -200,7 +184,3 @@ if __name__ == "__main__":
     weight, bias, C = fit(x[:16], y[:16], x[16:], y[16:], 4, max_iter=100)
     print(f"separable clusters: C {C:.3g}, validation accuracy "
           f"{accuracy(weight, bias, x[16:], y[16:]).item():.2f}")
-    try:
-        check_protocol("base2new")
-    except ValueError as e:
-        print("base2new:", e)

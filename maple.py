@@ -60,13 +60,16 @@ DEFAULTS = dict(
     backbone="ViT-B/16",  # configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml
     n_ctx=2,  # same config (TRAINER.MAPLE.N_CTX)
     ctx_init="a photo of a",  # same config (CTX_INIT); "of a" stay fixed words
-    prompt_depth=9,  # same config (PROMPT_DEPTH); cross-dataset config: 3
-    lr=0.0035,  # same config (OPTIM.LR), SGD; cross-dataset config: 0.0026
-    epochs=5,  # same config (OPTIM.MAX_EPOCH); cross-dataset config: 2
+    prompt_depth=9,  # same config (PROMPT_DEPTH)
+    lr=0.0035,  # same config (OPTIM.LR), SGD
+    epochs=5,  # same config (OPTIM.MAX_EPOCH)
     batch_size=4,  # same config (DATALOADER.TRAIN_X.BATCH_SIZE)
     shots=16,  # scripts/maple/base2new_train_maple.sh (SHOTS)
     print_freq=20,  # same config (TRAIN.PRINT_FREQ)
 )
+# Cross-dataset transfer and domain generalisation (train on ImageNet, evaluate elsewhere):
+# configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml (train.py --protocol).
+PROTOCOLS = {"crossdataset": dict(prompt_depth=3, lr=0.0026, epochs=2)}
 
 
 def _tokenize_prompts(prompts, classnames, context_length):

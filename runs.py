@@ -2,8 +2,9 @@
 
     OUT/log.txt          everything the run printed, warnings included
     OUT/checkpoint.pt    after every epoch: {"learned", "optimizer", "epoch", "config"} (--resume)
-    OUT/learned.pt       at the end: {"learned", "config"}, what the method learned and the
-                         configuration that rebuilds its model (--eval-only --load, tools/)
+    OUT/learned.pt       at the end: {"learned", "config", "classnames"}: what the method
+                         learned, the configuration that rebuilds its model and the classes it
+                         learned on (--eval-only --load, tools/)
     OUT/results.json     accuracies in percent, the configuration, the training time
 
 What a method learned is its model's state minus the frozen CLIP (`learned_state`): CoOp's
@@ -67,8 +68,6 @@ def check_config(cfg, given, flags, module):
         if key in given and key not in cfg["model_options"]:
             raise ValueError(f"--{key.replace('_', '-')} is not an option of --method "
                              f"{cfg['method']}")
-    if hasattr(module, "check_protocol"):  # the linear probe: the all-class protocol only
-        module.check_protocol(cfg["protocol"])
     trains = cfg["method"] != "zeroshot"
     if not trains and {"epochs", "lr", "resume", "load"} & set(given):
         raise ValueError("--method zeroshot trains nothing: drop --epochs/--lr/--resume/--load")
@@ -92,6 +91,20 @@ def check_config(cfg, given, flags, module):
         raise ValueError(f"--precision {cfg['precision']} needs a GPU; on the CPU use fp32")
 
 
+def check_classes(model, cfg, halves, learned_for=None):
+    """Learned tensors with one row per training class (the model's `class_specific` says
+    which) fit only those classes: refuse the new half (base2new), or another class list
+    (`learned_for`: the classes a --load'ed run learned)."""
+    reason, names = getattr(model, "class_specific", ""), next(iter(halves.values())).classnames
+    if reason and "new" in halves:
+        raise ValueError(f"--method {cfg['method']} with --protocol base2new: {reason}. Use "
+                         "--protocol fewshot (all classes)")
+    if reason and learned_for is not None and list(learned_for) != names:
+        raise ValueError(f"--load {cfg['load']}: {reason}. It was learned for {len(learned_for)}"
+                         f" classes ({', '.join(learned_for[:3])}, ...), not the {len(names)} of "
+                         f"--dataset {cfg['dataset']}: evaluate it on the classes it learned")
+
+
 def check_context_length(model, cfg, given):
     """ctx_init sets CoOp's and CoCoOp's context length: an explicit --n-ctx (`given`) that it
     would override is refused; otherwise a note says which length runs."""
@@ -103,6 +116,29 @@ def check_context_length(model, cfg, given):
                          f"length ({n_ctx} tokens): pass --ctx-init '' for {given} random context "
                          f"vectors, or --ctx-init with the {given} words to start from")
     print(f"note: n_ctx is {n_ctx}, the length of ctx_init {cfg['ctx_init']!r}")
+
+
+def check_data(halves, train=True, val=False):
+    """Refuse, before any training, what cannot give a meaningful run: fewer than two classes to
+    tell apart, or a class without images in a split the run needs (test; train and val of the
+    first half when `train` / `val`)."""
+    first = next(iter(halves.values()))
+    if len(first.classnames) < 2:
+        raise data.DataError(f"{first.name}: {len(first.classnames)} class(es) to train on; a "
+                             "classifier needs at least 2 (base2new: 3, for a base and a new half)")
+    if train and first.test_only:
+        raise data.DataError(f"{first.name} is test-only (no training images): evaluate trained "
+                             "prompts on it with --eval-only --load RUN_DIR")
+    for d in halves.values():
+        needed = ("train",) * train + ("val",) * val if d is first else ()
+        for split in (*needed, "test"):
+            empty = sorted(set(range(len(d.classnames))) - {y for _, y in getattr(d, split)})
+            if empty:
+                raise data.DataError(
+                    f"{d.name} ({d.subset}): {len(empty)} of {len(d.classnames)} classes have no "
+                    f"{split} images, e.g. {d.classnames[empty[0]]!r}. Add images (a folder "
+                    "dataset splits each class 50/20/30: at least 4 per class), or choose "
+                    "another --dataset")
 
 
 # ---- the run's folder
@@ -171,12 +207,12 @@ def non_finite(loss, epoch, i, n, cfg, ckpt_path):
             f" Try a lower --lr (now {cfg['lr']}){fp32}.{kept}")
 
 
-def save_results(cfg, accuracy, train_seconds, loaders):
+def save_results(cfg, accuracy, train_seconds, loaders, fewshot_source):
     """results.json in the output folder and the one-line summary; -> the results dict."""
     skipped = len(set().union(*(loader.skipped for loader in loaders)))
     results = {k: cfg[k] for k in ("method", "dataset", "backbone", "shots", "seed", "protocol")}
     results.update(accuracy=accuracy, train_seconds=round(train_seconds, 1),
-                   skipped_images=skipped, config=cfg)
+                   skipped_images=skipped, fewshot_source=fewshot_source, config=cfg)
     with open(os.path.join(cfg["out"], "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"{cfg['method']} | {cfg['dataset']} | " + " ".join(

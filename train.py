@@ -7,7 +7,8 @@ against (full fine-tuning, the linear probe). Examples (README.md has more):
 
 Protocols: base2new (CoCoOp/MaPLe papers) trains on the first half of the classes and tests on
 the base and the new (unseen) half, H = 2*base*new/(base+new); fewshot (CoOp paper) trains and
-tests on all classes. One run = one seed; the papers average seeds 1, 2, 3.
+tests on all classes; crossdataset trains on all classes with the method's transfer recipe, for
+--eval-only --load on other datasets. One run = one seed; the papers average seeds 1, 2, 3.
 
 Configuration (resolve_config), each layer overriding the one before: RUN below; the method
 file's recipe (DEFAULTS, its PROTOCOLS entry, CoOp's epochs_for); the toy run's (toy/world.py
@@ -90,8 +91,10 @@ g = parser.add_argument_group("data")
 g.add_argument("--dataset", help=f"{', '.join(data.DATASETS)} (default: toy)")
 g.add_argument("--root", help="data root; for 'folder' the folder itself (default: ./data)")
 g.add_argument("--shots", type=runs.shots, help="training images per class, -1 all (default: 16)")
-g.add_argument("--protocol", choices=["base2new", "fewshot"], help="base2new: train on the base "
-               "classes, test base and new; fewshot: all classes (default: base2new)")
+g.add_argument("--protocol", choices=["base2new", "fewshot", "crossdataset"], help="base2new: "
+               "train on the base classes, test base and new; fewshot: all classes; "
+               "crossdataset: all classes with the method's transfer recipe, then --eval-only "
+               "--load on other datasets (default: base2new)")
 g.add_argument("--backbone", help=f"{', '.join(clip.available_models())} or a checkpoint file "
                "(default: ViT-B/16; toy with the toy dataset)")
 g = parser.add_argument_group("method (defaults: each method file's DEFAULTS; the toy run: "
@@ -240,17 +243,20 @@ def main(argv=None):
         torch.manual_seed(cfg["seed"])  # the context initialisation
         ds = data.load(cfg["dataset"], cfg["root"], cfg["shots"], cfg["seed"])
         halves = data.halves(ds, cfg["protocol"])  # {"base": .., "new": ..} or {"all": ..}
-        print(*halves.values(), sep="\n")
+        print(*halves.values(), f"few-shot images: {ds.source}", sep="\n")
         fits = hasattr(METHODS[cfg["method"]][1], "fit")  # the linear probe: val shots too
-        data.check(halves, train=not cfg["eval_only"] and cfg["method"] != "zeroshot", val=fits)
+        runs.check_data(halves, train=not cfg["eval_only"] and cfg["method"] != "zeroshot", val=fits)
         # ---- model: one per half, built now, so every class's prompt is checked before training
         clip_model, _ = clip.load(cfg["backbone"], cfg["device"], fp16=cfg["precision"] == "fp16")
         for block in clip_model.transformer.resblocks:  # opt-in, see clip/model.py
             block.checkpoint = cfg["checkpointing"]
-        loaded = runs.read(cfg["load"])["learned"] if cfg["load"] else None
-        models = {k: build_model(cfg, clip_model, d, loaded) for k, d in halves.items()}
+        models = {k: build_model(cfg, clip_model, d) for k, d in halves.items()}
         model, shots = next(iter(models.values())), next(iter(halves.values()))
+        loaded = runs.read(cfg["load"]) if cfg["load"] else {}
+        runs.check_classes(model, cfg, halves, loaded.get("classnames"))
         runs.check_context_length(model, cfg, args.n_ctx)
+        if loaded:  # --eval-only --load: the training run's learned tensors
+            runs.load_learned(model, loaded["learned"])
         trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         print("trainable parameters:", ", ".join(f"{k} {tuple(p.shape)}" for k, p in trainable[:8]),
               "..." * (len(trainable) > 8), f"= {sum(p.numel() for _, p in trainable):,}")
@@ -273,7 +279,7 @@ def main(argv=None):
         train_seconds = time.time() - t0
         if loaders:  # what was learned, and the configuration that rebuilds its model
             runs.save(os.path.join(cfg["out"], "learned.pt"), learned=runs.learned_state(model),
-                      config=cfg)
+                      config=cfg, classnames=shots.classnames)
         # ---- evaluate the last epoch's model (Dassl TEST.FINAL_MODEL "last_step") on each half
         accuracy = {}
         for name, half in halves.items():
@@ -285,7 +291,7 @@ def main(argv=None):
         if "new" in accuracy:  # harmonic mean H = 2*B*N/(B+N)
             b, n = accuracy["base"], accuracy["new"]
             accuracy["hm"] = 2 * b * n / (b + n) if b + n else 0.0
-        return runs.save_results(cfg, accuracy, train_seconds, loaders)
+        return runs.save_results(cfg, accuracy, train_seconds, loaders, ds.source)
 
 
 if __name__ == "__main__":

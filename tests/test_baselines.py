@@ -185,14 +185,10 @@ def test_linear_probe_model_fits_from_loaders_and_scores_images():
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_base2new_with_the_linear_probe_gives_its_message():
-    linearprobe.check_protocol("fewshot")
-    with pytest.raises(ValueError, match="cannot score classes it never saw .*--protocol "
-                                         "fewshot"):
-        linearprobe.check_protocol("base2new")
+def test_linear_probe_says_it_is_class_specific():
+    """train.py refuses it wherever it would meet other classes (tests/test_transfer.py)."""
     probe = linearprobe.LinearProbe(tiny_clip(), ["a", "b", "c", "d"])
-    other = linearprobe.LinearProbe(tiny_clip(), ["a", "b"])
-    with pytest.raises(ValueError, match="fitted on 4 classes, the dataset has 2"):
-        other.head.load_state_dict(probe.head.state_dict())
+    assert "one weight vector per training class" in probe.class_specific
+    assert linearprobe.DEFAULTS["protocol"] == "fewshot"
     with pytest.raises(ValueError, match="needs training and validation images"):
         linearprobe.fit(*clusters(2), torch.zeros(0, 32), torch.zeros(0), 4)

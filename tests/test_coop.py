@@ -133,7 +133,7 @@ def test_too_long_prompt_names_the_class(model):
 
 
 def test_trainable_parameters_at_vit_b16_text_width():
-    # Text width 512 as ViT-B/16 (FACTS/STYLE 3.6); everything else tiny.
+    # Text width 512 as ViT-B/16; everything else tiny.
     clip_model = tiny_clip(width=512, heads=8, layers=1)
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
     assert count(coop.CoOp(clip_model, NAMES, n_ctx=16)) == 8192

@@ -113,9 +113,13 @@ def imagenet(root, wnids, names, val_flat=False):
 def test_imagenet_layout(tmp_path):
     wnids, names = ["n03", "n01", "n02"], ["toilet tissue", "tench", "great_white shark"]
     imagenet(tmp_path, wnids, names)
-    ds = data.load("imagenet", tmp_path, shots=2, seed=1)
+    with pytest.warns(UserWarning, match="imagenet val: 3 classes have fewer than 2 images"):
+        ds = data.load("imagenet", tmp_path, shots=2, seed=1)
     assert ds.classnames == ["tench", "great white shark", "toilet tissue"]  # sorted wnids
-    assert len(ds.train) == 6 and len(ds.test) == 3 and ds.val == ds.test  # val doubles as test
+    assert len(ds.train) == 6 and len(ds.test) == 3
+    # ImageNet's val folder is its test set: the val shots come from the unpicked train images
+    assert len(ds.val) == 3 and not set(ds.val) & (set(ds.train) | set(ds.test))
+    assert "our sampler" in ds.source
     assert (str(tmp_path / "imagenet/images/val/n03/val_n03.JPEG"), 2) in ds.test
     assert all(os.path.basename(p).startswith(["n01", "n02", "n03"][y]) for p, y in ds.train)
 

@@ -16,8 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(ROOT, "tests", "fixtures", "tokenizer.json"), encoding="utf-8") as f:
     GOLDEN = json.load(f)  # {"encode": {text: ids}, "tokenize_77": {text: 77 ids}}
 
-# FACTS.md section 2.6: ids between SOT and EOT, computed with the reference algorithm.
-FACTS_VECTORS = {
+# Ids between SOT and EOT, computed with the reference algorithm (openai/CLIP's
+# simple_tokenizer.py; the CoOp/MaPLe copies are the same).
+REFERENCE_VECTORS = {
     "Hello World!": [3306, 1002, 256],
     "a photo of a": [320, 1125, 539, 320],
     "a photo of a dog.": [320, 1125, 539, 320, 1929, 269],
@@ -28,7 +29,7 @@ FACTS_VECTORS = {
     "2012 Tesla Model S Sedan": [273, 271, 272, 273, 12254, 2863, 338, 24237],
     "it's": [585, 568],
 }
-# Class names from the benchmarks (FACTS.md 6.2), "_" replaced by " " as the trainers do.
+# Class names from the benchmarks (CoOp:datasets/*.py), "_" replaced by " " as the trainers do.
 BENCHMARK_NAMES = ["Annual Crop Land", "2012 Tesla Model S Sedan", "pink primrose",
                    "Apply_Eye_Makeup".replace("_", " "), "Black-footed Albatross",
                    "american pit bull terrier", "Highway or Road", "tench, Tinca tinca"]
@@ -50,9 +51,9 @@ def test_golden_tokenize_77(text):
     assert tokenize(text)[0].tolist() == GOLDEN["tokenize_77"][text]
 
 
-@pytest.mark.parametrize("text", sorted(FACTS_VECTORS))
+@pytest.mark.parametrize("text", sorted(REFERENCE_VECTORS))
 def test_facts_vectors(text):
-    ids = FACTS_VECTORS[text]
+    ids = REFERENCE_VECTORS[text]
     row = tokenize(text)[0].tolist()
     assert row == [SOT_TOKEN] + ids + [EOT_TOKEN] + [0] * (77 - len(ids) - 2)
     assert row.index(EOT_TOKEN) == int(tokenize(text)[0].argmax())  # EOT is the largest id

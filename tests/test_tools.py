@@ -118,8 +118,10 @@ def test_predict_bad_inputs_get_clear_errors(world, tmp_path):
             predict.main(["--load", str(load), img])
     saved = torch.load(os.path.join(run, "learned.pt"), weights_only=True)
     torch.save({"learned": {"prompt_learner.ctx": torch.zeros(3, 16, 64)},
-                "config": dict(saved["config"], csc=True)}, tmp_path / "csc.pt")
-    with pytest.raises(ValueError, match=r"class-specific context \(csc\) for 3 classes, not 4"):
+                "config": dict(saved["config"], csc=True), "classnames": ["a", "b", "c"]},
+               tmp_path / "csc.pt")
+    with pytest.raises(ValueError, match=r"class-specific context \(csc\) holds one context per "
+                                         r"training class.*learned for 3 classes \(a, b, c"):
         predict.main(["--load", str(tmp_path / "csc.pt"), img])  # the run's 4 classes
     cmd = [sys.executable, "tools/predict.py", "--load", run, str(tmp_path / "empty")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -236,7 +238,7 @@ def test_reproduce_dry_run_lists_the_commands(tmp_path, capsys):
     assert len(b2n) == 11 * 3
     line = (f"python train.py --method cocoop --dataset dtd --root /data --protocol base2new "
             f"--shots 16 --seed 2 --backbone ViT-B/16 --out {out}/dtd/cocoop/"
-            "ViT-B-16_16shots_base2new/seed2")
+            "ViT-B-16_16shots_base2new/seed2 --resume")  # --resume: continues interrupted runs
     printed = capsys.readouterr().out.splitlines()
     assert line in printed and printed[0].startswith("base2new: 33 runs, 0 done")
     write_results(f"{out}/dtd/cocoop/ViT-B-16_16shots_base2new/seed2", "cocoop", "dtd", 2,
@@ -248,12 +250,13 @@ def test_reproduce_dry_run_lists_the_commands(tmp_path, capsys):
     assert len(few) == 11 * 5 * 3 and all("--backbone RN50" in " ".join(c) for c in few)
     xd = reproduce.main(["--protocol", "crossdataset", "--method", "maple", "--root", "/data",
                          "--out", out, "--seeds", "1", "--dry-run", "--", "--workers", "8"])
-    src = f"{out}/imagenet/maple/ViT-B-16_16shots_xd/seed1"
-    assert len(xd) == 1 + 10 and xd[0][-4:] == ["--out", src, "--workers", "8"]
-    assert "--prompt-depth" in xd[0] and "imagenet" not in [c[5] for c in xd[1:]]
+    src = f"{out}/imagenet/maple/ViT-B-16_16shots_crossdataset/seed1"
+    assert len(xd) == 1 + 10 and xd[0][-5:] == ["--out", src, "--resume", "--workers", "8"]
+    assert xd[0][xd[0].index("--protocol") + 1] == "crossdataset"  # train.py's recipe for it
+    assert "imagenet" not in [c[5] for c in xd[1:]]
     assert xd[1] == ["python", "train.py", "--eval-only", "--load", src, "--dataset",
                      "caltech101", "--root", "/data", "--seed", "1", "--out",
-                     f"{src}/eval_caltech101_fewshot", "--workers", "8"]
+                     f"{src}/eval_caltech101_crossdataset", "--workers", "8"]
     dg = reproduce.main(["--protocol", "domaingen", "--root", "/data", "--dry-run"])
     assert len(dg) == 3 * (1 + 4) and dg[1][6] == "imagenetv2"
     with pytest.raises(ValueError, match="unknown datasets"):

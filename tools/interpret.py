@@ -128,7 +128,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.topk < 1:
         raise ValueError("--topk must be at least 1")
-    state, cfg, path = load_prompts(args.prompts)
+    state, cfg, path, _ = load_prompts(args.prompts)
     state = {k.removeprefix("prompt_learner."): v for k, v in state.items()}  # the learner's
     backbone = args.backbone or cfg["backbone"]
     table = clip.load(backbone, "cpu")[0].token_embedding.weight.detach().float()  # (49408, D)

@@ -55,7 +55,7 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 
 def load_prompts(path):
     """A train.py learned.pt (or checkpoint.pt, or the run folder holding it) ->
-    (learned state dict, config, file)."""
+    (learned state dict, config, file, the classes it was learned for or None)."""
     if os.path.isdir(path):
         path = os.path.join(path, "learned.pt")
         if not os.path.isfile(path):
@@ -75,7 +75,7 @@ def load_prompts(path):
         raise ValueError(f"{path} is not a prompt file written by train.py (a dict with "
                          "'learned' and 'config'); pass a training run's learned.pt or its "
                          "output folder")
-    return saved["learned"], saved["config"], path
+    return saved["learned"], saved["config"], path, saved.get("classnames")
 
 
 def run_classes(cfg, subset=None):
@@ -125,7 +125,8 @@ def check_backbone(saved, given, path):
 
 
 def configure(args):
-    """-> (config for train.build_model, prompt state or None, where the prompts came from)."""
+    """-> (config for train.build_model, learned state or None, where it came from, the classes
+    it was learned for or None)."""
     if args.load is None:
         if args.method != "zeroshot":
             raise ValueError("pass --load RUN (a training run's output folder), or "
@@ -133,15 +134,15 @@ def configure(args):
         if "{}" not in (args.template or "{}"):
             raise ValueError(f"--template {args.template!r} needs a {{}} for the class name")
         cfg = dict(train.RUN, method="zeroshot", backbone=args.backbone or train.RUN["backbone"],
-                   template=args.template, ensemble=False, model_options=[])
-        return cfg, None, f"the template {args.template or data.PHOTO!r}"
-    state, cfg, path = load_prompts(args.load)
+                   template=args.template, ensemble=False, model_options=["template", "ensemble"])
+        return cfg, None, f"the template {args.template or data.PHOTO!r}", None
+    state, cfg, path, learned_for = load_prompts(args.load)
     if args.method not in (None, cfg["method"]):
         raise ValueError(f"--method {args.method}, but {path} holds {cfg['method']} prompts")
     if args.template:
         raise ValueError("--template is for --method zeroshot; learned prompts have no template")
     cfg = dict(cfg, backbone=check_backbone(cfg["backbone"], args.backbone, path))
-    return cfg, state, path
+    return cfg, state, path, learned_for
 
 
 def expand_images(specs):
@@ -208,26 +209,21 @@ def main(argv=None):
         raise ValueError("--topk must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
-    cfg, state, source = configure(args)
+    cfg, state, source, learned_for = configure(args)
     cfg["device"] = args.device
     classnames = class_list(args, cfg)
-    ctx = state.get("prompt_learner.ctx") if state else None
-    if ctx is not None and ctx.dim() == 3:  # CoOp class-specific context: one per run class
-        if len(ctx) != len(classnames):
-            raise ValueError(f"{source} holds class-specific context (csc) for {len(ctx)} "
-                             f"classes, not {len(classnames)}: it works only for the run's "
-                             "own classes, in its order (omit --classes)")
-        if args.classes or args.classes_file:
-            print("note: class-specific context: context i goes with the i-th class given")
     paths = expand_images(args.images)
     clip_model, _ = clip.load(cfg["backbone"], args.device)
     ds = data.Dataset(cfg["dataset"], classnames, [], [], [], data.PHOTO)
+    model = train.build_model(cfg, clip_model, ds)
+    # per-class learned tensors (CoOp's csc, the linear probe) fit only the classes they learned
+    runs.check_classes(model, dict(cfg, load=source), {"all": ds}, learned_for)
     try:
-        model = train.build_model(cfg, clip_model, ds, state)
-    except ValueError as e:  # train.load_learned: missing keys or other shapes
-        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4]) or str(e)
+        if state is not None:
+            runs.load_learned(model, state)
+    except ValueError as e:  # missing keys or other shapes
         raise ValueError(f"the prompts in {source} do not fit a {cfg['method']} model on "
-                         f"backbone {cfg['backbone']!r} ({detail}): prompts fit only the method, "
+                         f"backbone {cfg['backbone']!r} ({e}): prompts fit only the method, "
                          "backbone and options they were trained with") from None
     probs, kept = predict(model, paths, clip_model.visual.input_resolution, args.device,
                           args.batch_size)

@@ -13,10 +13,11 @@ Protocols (the runs the papers average over seeds 1, 2, 3):
                 --eval-only --load on the 10 other datasets (ViT-B/16);
   domaingen     CoCoOp/MaPLe Table 3: the same ImageNet runs, evaluated on ImageNet-V2, -Sketch,
                 -A and -R.
-The ImageNet runs of crossdataset/domaingen use the papers' cross-dataset recipes where they
-differ from the method's defaults (XD below) and are kept apart in <bb>_16shots_xd folders.
-A run whose results.json exists is skipped, so an interrupted reproduction continues where it
-stopped. Arguments after `--` go to every train.py command (--device, --workers, ...).
+The ImageNet runs of crossdataset/domaingen are train.py --protocol crossdataset runs (the
+method files' cross-dataset recipes), in <bb>_16shots_crossdataset folders. A run whose
+results.json exists is skipped, and training runs get --resume, so an interrupted reproduction
+continues where it stopped. Arguments after `--` go to every train.py command (--device,
+--workers, ...).
 """
 import argparse
 import os
@@ -27,19 +28,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root: train, data, clip, tools
 
-import clip  # noqa: E402
 import data  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from tools import summarise  # noqa: E402
 
 FEWSHOTS = [1, 2, 4, 8, 16]  # CoOp paper, Fig. 3
-XD = {  # cross-dataset recipes (ImageNet, 16 shots, all classes)
-    "maple": ["--prompt-depth", "3", "--lr", "0.0026", "--epochs", "2"],  # *_cross_datasets.yaml
-    # NOTE(inferred): CoOp in the CoCoOp paper's transfer tables uses the vit_b16_ctxv1 recipe
-    # of its base-to-new rows (4 tokens from "a photo of a"); not stated in FACTS.md.
-    "coop": ["--n-ctx", "4", "--ctx-init", "a photo of a"],
-}
 # train.py's --method choices, so that methods added there are accepted here too
 METHOD_CHOICES = next(a.choices for a in train.parser._actions if a.dest == "method")
 TRAIN = os.path.join(ROOT, "train.py")
@@ -67,6 +61,7 @@ def plan(args):
     method = args.method or ("coop" if args.protocol == "fewshot" else "cocoop")
     bb = args.backbone or ("RN50" if args.protocol == "fewshot" else "ViT-B/16")
     jobs = []
+    resume = [] if method == "zeroshot" else ["--resume"]  # continues an interrupted run
     if args.protocol in ("base2new", "fewshot"):
         shots = args.shots or (FEWSHOTS if args.protocol == "fewshot" else [16])
         shots = shots[:1] if method == "zeroshot" else shots  # nothing is trained
@@ -76,7 +71,7 @@ def plan(args):
                     out = runs.folder(args.out, ds, method, bb, k, args.protocol, seed)
                     jobs.append((["--method", method, "--dataset", ds, "--root", args.root,
                                   "--protocol", args.protocol, "--shots", str(k), "--seed",
-                                  str(seed), "--backbone", bb, "--out", out], out, None))
+                                  str(seed), "--backbone", bb, "--out", out, *resume], out, None))
         return jobs
     if method == "zeroshot":
         raise ValueError(f"zero-shot CLIP trains nothing to transfer: run --protocol fewshot "
@@ -85,13 +80,13 @@ def plan(args):
     targets = args.datasets or (summarise.PAPER_ORDER[1:] if args.protocol == "crossdataset"
                                 else summarise.VARIANTS)
     shots = (args.shots or [16])[0]
-    for seed in args.seeds:
-        src = runs.folder(args.out, "imagenet", method, bb, shots, "xd", seed)
+    for seed in args.seeds:  # the source model: train.py --protocol crossdataset, shared by both
+        src = runs.folder(args.out, "imagenet", method, bb, shots, "crossdataset", seed)
         jobs.append((["--method", method, "--dataset", "imagenet", "--root", args.root,
-                      "--protocol", "fewshot", "--shots", str(shots), "--seed", str(seed),
-                      "--backbone", bb, *XD.get(method, []), "--out", src], src, None))
+                      "--protocol", "crossdataset", "--shots", str(shots), "--seed", str(seed),
+                      "--backbone", bb, "--out", src, *resume], src, None))
         for ds in targets:
-            out = os.path.join(src, f"eval_{ds}_fewshot")
+            out = os.path.join(src, f"eval_{ds}_crossdataset")
             jobs.append((["--eval-only", "--load", src, "--dataset", ds, "--root", args.root,
                           "--seed", str(seed), "--out", out], out, src))
     return jobs

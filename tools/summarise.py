@@ -200,7 +200,8 @@ def summarise(folder, ci95=False):
         elif r["protocol"] == "base2new":
             b2n.setdefault((r["method"], bb, r["shots"], opts), {}).setdefault(
                 r["dataset"], []).append(r)
-        else:
+        else:  # all classes: fewshot, or a crossdataset source trained with its transfer recipe
+            opts += " (crossdataset recipe)" * (r["protocol"] == "crossdataset")
             few.setdefault((r["method"], bb, opts), {}).setdefault(r["dataset"], []).append(r)
     spread = "95% confidence interval" if ci95 else "population std"
     parts = [f"{len(runs)} runs below {folder}; mean ± {spread} over seeds"]
