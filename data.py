@@ -1,14 +1,13 @@
-"""Datasets, few-shot (小样本) sampling, the base/new class split, transforms and loaders.
+"""Datasets for the runs: few-shot (小样本) sampling, the base/new class split, transforms and
+loaders. What train.py and tools/ use of the data, all here.
 
-load() reads the benchmarks in the layout of CoOp's DATASETS.md, so an existing data root works
-unchanged (load("oxford_pets", "~/data") reads ~/data/oxford_pets/split_zhou_OxfordPets.json and
-~/data/oxford_pets/images/), any folder of class subfolders ("folder": split 50/20/30 once, saved
-as root/split_folder.json) and the toy world ("toy", toy/world.py). A wrong layout gets a
-DataError naming the path it expected. Split JSON format (CoOp's): {"train": [[relative_impath,
-label, classname], ...], "val": ..., "test": ...}. Unreadable images are skipped with a warning
-and counted (Loader.skipped). Shape legend: B images in a batch, n_px the input resolution.
+load(name, root, shots, seed) reads a dataset (its layout on disk: layouts.py; the official
+caches: dassl_cache.py), samples the few shots per class as Dassl does, and returns a Dataset of
+(image path, label) items; base_new() splits its classes; make_loader() turns items into
+batches. Unreadable images are skipped with a warning and counted (Loader.skipped).
+
+Shape legend: B images in a batch, n_px the backbone's input resolution.
 """
-import json
 import math
 import os
 import random
@@ -21,68 +20,7 @@ from torchvision import transforms as T
 
 import clip
 import dassl_cache
-
-
-class DataError(Exception):
-    """A dataset is missing or laid out differently from what load() expects."""
-
-
-# ---- The table: dataset name -> folders and quirks (CoOp:datasets/*.py, CoOp:DATASETS.md)
-# name: (kind, dataset folder, image folder, split file); "" = the dataset folder itself.
-# kind "split" reads split_zhou_<Name>.json, "fgvc" FGVCAircraft's txt files, "imagenet" the
-# wnid folders of images/train and images/val, "wnids"/"numbered" a test-only ImageNet variant.
-_TABLE = {
-    "imagenet": ("imagenet", "imagenet", "images", ""),
-    "caltech101": ("split", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
-    "oxford_pets": ("split", "oxford_pets", "images", "split_zhou_OxfordPets.json"),
-    # StanfordCars' JSON paths are relative to the dataset folder (cars_train/...).
-    "stanford_cars": ("split", "stanford_cars", "", "split_zhou_StanfordCars.json"),
-    "oxford_flowers": ("split", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
-    "food101": ("split", "food-101", "images", "split_zhou_Food101.json"),
-    "fgvc_aircraft": ("fgvc", "fgvc_aircraft", "images", ""),
-    "sun397": ("split", "sun397", "SUN397", "split_zhou_SUN397.json"),
-    "dtd": ("split", "dtd", "images", "split_zhou_DescribableTextures.json"),
-    "eurosat": ("split", "eurosat", "2750", "split_zhou_EuroSAT.json"),
-    "ucf101": ("split", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
-    # Test-only ImageNet variants; each folder holds a copy of imagenet/classnames.txt.
-    "imagenetv2": ("numbered", "imagenetv2", "imagenetv2-matched-frequency-format-val", ""),
-    "imagenet_sketch": ("wnids", "imagenet-sketch", "images", ""),
-    "imagenet_a": ("wnids", "imagenet-adversarial", "imagenet-a", ""),
-    "imagenet_r": ("wnids", "imagenet-rendition", "imagenet-r", ""),
-    "folder": ("folder", "", "", "split_folder.json"),
-    "toy": ("toy", "toy", "images", "split_zhou_Toy.json"),  # rendered by toy.world
-}
-PHOTO = "a photo of a {}."
-TEMPLATES = {  # CoOp:trainers/zsclip.py CUSTOM_TEMPLATES; every other dataset uses PHOTO
-    "oxford_pets": "a photo of a {}, a type of pet.",
-    "oxford_flowers": "a photo of a {}, a type of flower.",
-    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
-    "dtd": "{} texture.", "eurosat": "a centered satellite photo of {}.",
-    "food101": "a photo of {}, a type of food.", "ucf101": "a photo of a person doing {}."}
-# Class-name quirks. The official JSONs already hold the renamed names (renaming is idempotent);
-# these make a JSON listing raw folder names give the same 100 Caltech / 10 EuroSAT classes.
-QUIRKS = {
-    "caltech101": dict(ignore=("BACKGROUND_Google", "Faces_easy"), rename={
-        "airplanes": "airplane", "Faces": "face", "Leopards": "leopard",
-        "Motorbikes": "motorbike"}),
-    "eurosat": dict(rename={
-        "AnnualCrop": "Annual Crop Land", "Forest": "Forest",
-        "HerbaceousVegetation": "Herbaceous Vegetation Land", "Highway": "Highway or Road",
-        "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
-        "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings",
-        "River": "River", "SeaLake": "Sea or Lake"})}
-DATASETS = {name: dict(name=name, kind=kind, dir=folder, images=images, split=split,
-                       template=TEMPLATES.get(name, PHOTO), **QUIRKS.get(name, {}))
-            for name, (kind, folder, images, split) in _TABLE.items()}
-LAYOUTS = {  # what each kind expects, for error messages; d = <root>/<dataset folder>
-    "split": "{d}/{images}/... and {d}/{split}", "toy": "{d}/{images}/... and {d}/{split}",
-    "imagenet": "{d}/images/train/<wnid>/*.JPEG, {d}/images/val/<wnid>/*.JPEG, {d}/classnames.txt",
-    "wnids": "{d}/{images}/<wnid>/<image> and {d}/classnames.txt",
-    "numbered": "{d}/{images}/<0..999>/<image> and {d}/classnames.txt",
-    "fgvc": "{d}/images/*.jpg, {d}/variants.txt, {d}/images_variant_{{train,val,test}}.txt",
-    "folder": "<root>/<class name>/<image> (root is the folder itself)"}
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-FOLDER_SPLIT = (0.5, 0.2)  # train/val fractions, rest test (CoOp:datasets/dtd.py)
+from layouts import DATASETS, IMAGE_EXTS, PHOTO, DataError, read  # noqa: F401 (data.DATASETS ...)
 
 
 @dataclass
@@ -100,166 +38,6 @@ class Dataset:
     def __str__(self):
         return (f"{self.name} ({self.subset}): {len(self.classnames)} classes, "
                 f"train {len(self.train)}, val {len(self.val)}, test {len(self.test)}")
-
-
-# ---- Readers: each returns ({"train"|"val"|"test": [(path, label)]}, {label: classname}).
-def _layout(spec):
-    """The layout dataset `spec` expects, for error messages."""
-    text = LAYOUTS[spec["kind"]].format(d=f"<root>/{spec['dir']}".rstrip("/"), **spec)
-    return text.replace("//", "/")
-
-
-def _need(path, spec, what="", isdir=True):
-    """`path` if it exists, else a DataError that names it and the layout `spec` wants."""
-    if not (os.path.isdir(path) if isdir else os.path.isfile(path)):
-        raise DataError(f"{spec['name']}: {path} not found. {what}Expected layout: "
-                        f"{_layout(spec)}")
-    return path
-
-
-def _listdir(path, dirs):
-    """Sorted non-hidden subfolders (dirs=True) or image files (dirs=False) of `path`."""
-    return sorted(e.name for e in os.scandir(path) if not e.name.startswith(".") and (
-        e.is_dir() if dirs else e.is_file() and e.name.lower().endswith(IMAGE_EXTS)))
-
-
-def _read_split(split, image_dir, spec):
-    """A split in CoOp's JSON format (a dict, or the path of its file) -> (splits, names)."""
-    if isinstance(split, str):
-        with open(_need(split, spec, f"Download {os.path.basename(split)} from the link in "
-                        "CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md) "
-                        "and put it there. ", isdir=False)) as f:
-            try:
-                split = json.load(f)
-            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-                raise DataError(f"{spec['name']}: {f.name} is not valid JSON ({e}); download it "
-                                "again, or delete it if train.py wrote it") from None
-    splits, names = {}, {}
-    for key in ("train", "val", "test"):
-        rows = [(p, int(y), c) for p, y, c in split[key]
-                if p.split("/")[0] not in spec.get("ignore", ())]
-        splits[key] = [(os.path.join(image_dir, p), y) for p, y, _ in rows]
-        names.update((y, spec.get("rename", {}).get(c, c)) for _, y, c in rows)  # one per label
-    return splits, names
-
-
-def _make_folder_split(root, spec):
-    """Split each class folder 50/20/30 with a seeded shuffle (seed 0, shared by every run), as
-    CoOp's DTD.read_and_split_data does when a split file is absent; save it next to them."""
-    classes = _listdir(_need(root, spec), dirs=True)
-    if not classes:
-        raise DataError(f"folder: {root} has no class subfolders. Expected: {_layout(spec)}")
-    rng, split = random.Random(0), {"train": [], "val": [], "test": []}
-    for label, cname in enumerate(classes):
-        files = _listdir(os.path.join(root, cname), dirs=False)
-        if not files:
-            raise DataError(f"folder: class folder {os.path.join(root, cname)} has no images "
-                            f"({', '.join(IMAGE_EXTS)}); add some or remove the folder")
-        rng.shuffle(files)
-        # NOTE(simplification): at least one train image per class; CoOp asserts instead.
-        a = max(1, round(FOLDER_SPLIT[0] * len(files)))
-        b = a + round(FOLDER_SPLIT[1] * len(files))
-        for key, chunk in zip(split, (files[:a], files[a:b], files[b:])):
-            split[key] += [[f"{cname}/{f}", label, cname] for f in chunk]
-    path = os.path.join(root, spec["split"])
-    try:
-        with open(path, "w") as f:
-            json.dump(split, f, indent=4)
-        print(f"wrote split {path}; later runs reuse it")
-    except OSError as e:
-        warnings.warn(f"folder: could not write {path} ({e}); using the split in memory, "
-                      "so it is made again next run")
-    return split
-
-
-def _read_wnid_folders(image_dir, wnids, wnid2name, spec):
-    """Items from <image_dir>/<wnid>/<image>, labelled by the wnid's index in `wnids`."""
-    folders = _listdir(image_dir, dirs=True)
-    if not folders and _listdir(image_dir, dirs=False):
-        raise DataError(f"{spec['name']}: {image_dir} holds images directly, not in class "
-                        "folders. Sort them into one folder per class (for ImageNet val the "
-                        f"usual valprep.sh script does this). Expected layout: {_layout(spec)}")
-    index = {w: i for i, w in enumerate(wnids)}
-    stray = [w for w in folders if w not in index or w not in wnid2name]
-    if stray:  # a stray folder would shift every label
-        raise DataError(f"{spec['name']}: unexpected folder {os.path.join(image_dir, stray[0])} "
-                        f"(not in classnames.txt or images/train). Expected: {_layout(spec)}")
-    items = [(os.path.join(image_dir, w, f), index[w])
-             for w in folders for f in _listdir(os.path.join(image_dir, w), dirs=False)]
-    if not items:
-        raise DataError(f"{spec['name']}: no images under {image_dir}. Expected: {_layout(spec)}")
-    return items
-
-
-def _read_imagenet_like(d, spec):
-    path = _need(os.path.join(d, "classnames.txt"), spec, "It is CoOp's ImageNet classnames.txt "
-                 "(linked in CoOp's DATASETS.md; each variant needs a copy). ", isdir=False)
-    with open(path) as f:  # lines: "<wnid> <class name>", e.g. "n01440764 tench"
-        wnid2name = dict(line.strip().partition(" ")[::2] for line in f if line.strip())
-    imagenet = spec["kind"] == "imagenet"
-    train_dir = _need(os.path.join(d, "images", "train"), spec) if imagenet else None
-    test_dir = _need(os.path.join(d, "images", "val") if imagenet else
-                     os.path.join(d, spec["images"]), spec)
-    if spec["kind"] == "numbered":  # ImageNet-V2: folder "i" is line i of classnames.txt
-        wnids = [str(i) for i in range(len(wnid2name))]
-        wnid2name = dict(zip(wnids, wnid2name.values()))
-    else:  # sorted wnid folders; -A and -R have 200 of them, relabelled 0..199
-        wnids = _listdir(train_dir or test_dir, dirs=True)
-    cache = os.path.join(d, "preprocessed.pkl")
-    if imagenet and os.path.isfile(cache):  # the official file lists (their listdir order)
-        splits = dassl_cache.read(cache, d)
-        print(f"using the official image lists {cache}")
-    else:
-        splits = {"test": _read_wnid_folders(test_dir, wnids, wnid2name, spec), "train": (
-            _read_wnid_folders(train_dir, wnids, wnid2name, spec) if imagenet else [])}
-    # NOTE(official code): ImageNet's val folder is the test set; its val shots are drawn from
-    # the train images in load(), so that nothing is ever chosen on test images.
-    return dict(splits, val=[]), dict(enumerate(wnid2name[w] for w in wnids))
-
-
-def _read_fgvc(d, spec):
-    with open(_need(os.path.join(d, "variants.txt"), spec, isdir=False)) as f:
-        names = dict(enumerate(line.strip() for line in f if line.strip()))
-    label_of, splits = {c: i for i, c in names.items()}, {}
-    for key in ("train", "val", "test"):
-        path = _need(os.path.join(d, f"images_variant_{key}.txt"), spec, isdir=False)
-        with open(path) as f:  # lines: "<image id> <variant name with spaces>"
-            rows = [line.strip().split(" ", 1) for line in f if line.strip()]
-        bad = [r for r in rows if len(r) < 2 or r[1] not in label_of]
-        if bad:
-            raise DataError(f"fgvc_aircraft: {path} names a variant not in variants.txt: {bad[0]}")
-        splits[key] = [(os.path.join(d, "images", i + ".jpg"), label_of[c]) for i, c in rows]
-    return splits, names
-
-
-def _read(root, spec):
-    """Dispatch on the dataset kind -> (splits, names, template, dataset folder); every listed
-    image exists."""
-    kind, template = spec["kind"], spec["template"]
-    d = os.path.join(root, spec["dir"])
-    if kind == "toy":
-        from toy import world  # lazy: only the toy entry needs it
-        d, template = world.ensure_dataset(root), world.TEMPLATE
-    if kind in ("imagenet", "wnids", "numbered"):  # listed from the folders: they exist
-        return (*_read_imagenet_like(_need(d, spec), spec), template, d)
-    if kind == "fgvc":
-        splits, names = _read_fgvc(_need(d, spec), spec)
-        source = "images_variant_*.txt"
-    elif kind == "folder" and not os.path.isfile(os.path.join(root, spec["split"])):
-        splits, names = _read_split(_make_folder_split(root, spec), root, spec)
-        source = os.path.join(root, spec["split"])
-    else:  # a split JSON: CoOp's, the toy's or a folder's saved one
-        source = os.path.join(_need(d, spec), spec["split"])
-        if kind == "folder":
-            print(f"using the saved split {source} (delete it to split the folder again)")
-        splits, names = _read_split(source, os.path.join(d, spec["images"]), spec)
-    paths = [p for items in splits.values() for p, _ in items]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise DataError(f"{spec['name']}: {len(missing)} of {len(paths)} images listed in {source}"
-                        f" are missing, e.g. {missing[0]}. Is the data root right? Expected "
-                        f"layout: {_layout(spec)}")
-    return splits, names, template, d
 
 
 # ---- load(): read, few-shot sample; and the base/new split
@@ -296,7 +74,7 @@ def load(name, root, shots=-1, seed=1):
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
-    splits, names, template, d = _read(os.path.expanduser(str(root)), spec)
+    splits, names, template, d = read(os.path.expanduser(str(root)), spec)
     cached = dassl_cache.fewshot(d, shots, seed, splits) if spec["dir"] else None
     labels = sorted(names)  # relabelled 0..n-1, even if ignored folders left gaps
     splits, classnames = _subset(splits, names, labels)
@@ -354,10 +132,12 @@ test_transform = clip.preprocess
 
 
 class ImageList(torch.utils.data.Dataset):
-    """(path, label) items -> (image tensor, label); (None, path) for an unreadable image."""
+    """(path, label) items -> (image tensor, label); (None, path) for an unreadable image.
+    With `seed` set (training), the random augmentation of image i is seeded by (seed, i): an
+    image gets the same crop whichever process or data-loading worker reads it (DDP, --workers)."""
 
     def __init__(self, items, transform):
-        self.items, self.transform = items, transform
+        self.items, self.transform, self.seed = items, transform, None
 
     def __len__(self):
         return len(self.items)
@@ -366,9 +146,14 @@ class ImageList(torch.utils.data.Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as im:
-                return self.transform(im.convert("RGB")), label  # RGB as Dassl's read_image
+                image = im.convert("RGB")  # as Dassl's read_image
         except (OSError, ValueError, SyntaxError):
             return None, path
+        if self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + i)
+            return self.transform(image), label
 
 
 def _collate(batch):
@@ -397,15 +182,35 @@ class Loader(torch.utils.data.DataLoader):
                 yield images, labels
 
 
-def make_loader(items, n_px, batch_size, train, num_workers=0, seed=0):
+class _Share(torch.utils.data.BatchSampler):
+    """The one-process batches, each cut into `world` equal shares: this rank's share (DDP: the
+    ranks together read exactly the batch one process would, each only its part)."""
+
+    def __init__(self, sampler, batch_size, drop_last, rank, world):
+        super().__init__(sampler, batch_size, drop_last)
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            n = len(batch) // self.world  # the global batch size is a multiple of world
+            yield batch[self.rank * n:(self.rank + 1) * n]
+
+
+def make_loader(items, n_px, batch_size, train, num_workers=0, seed=0, rank=0, world=1):
     """Train: augmented (train_transform), shuffled by a seeded torch.Generator, and drop_last
     only when there is at least one full batch (as Dassl), so fewer images than a batch still
-    train. Otherwise: test_transform, in order."""
+    train; this rank's share of each batch. Otherwise: test_transform, in order, this rank's
+    share of the items (every world-th)."""
     if not items:
         raise DataError("no images to load: this split is empty (test-only datasets such as "
                         "the ImageNet variants have no train/val split)")
-    transform = train_transform(n_px) if train else test_transform(n_px)
-    return Loader(ImageList(items, transform), batch_size=batch_size, shuffle=train,
-                  generator=torch.Generator().manual_seed(seed) if train else None,
-                  drop_last=train and len(items) >= batch_size, num_workers=num_workers,
+    if not train:
+        return Loader(ImageList(items[rank::world], test_transform(n_px)), batch_size=batch_size,
+                      num_workers=num_workers, collate_fn=_collate,
+                      pin_memory=torch.cuda.is_available())
+    dataset, generator = ImageList(items, train_transform(n_px)), torch.Generator()
+    generator.manual_seed(seed)  # the order: as DataLoader(shuffle=True, generator=...) draws it
+    batches = _Share(torch.utils.data.RandomSampler(dataset, generator=generator), batch_size,
+                     len(items) >= batch_size, rank, world)
+    return Loader(dataset, batch_sampler=batches, generator=generator, num_workers=num_workers,
                   collate_fn=_collate, pin_memory=torch.cuda.is_available())

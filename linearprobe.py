@@ -27,8 +27,10 @@ Shape legend: n feature rows, B images, n_cls classes, E joint embedding dim.
 Run: python train.py --method linearprobe     (all classes: the fewshot protocol by default)
 """
 import math
+import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -143,10 +145,24 @@ class LinearProbe(nn.Module):
     @torch.no_grad()
     def extract(self, loader):
         """Features and labels of a loader of (images, labels): (n, E), (n,). Use test-time
-        transforms: lpclip extracts every split without augmentation."""
-        device = self.head.weight.device
-        out = [(self.features(images.to(device)).cpu(), labels) for images, labels in loader]
-        return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
+        transforms: lpclip extracts every split without augmentation. Under DDP (torchrun),
+        each process reads every world-th image: the features are gathered back into the
+        one-process order, so that every process fits the same head."""
+        device, out, t0 = self.head.weight.device, [], time.time()
+        for i, (images, labels) in enumerate(loader):
+            out.append((self.features(images.to(device)).cpu(), labels))  # (B, E), (B,)
+            if (i + 1) % 20 == 0 or i + 1 == len(loader):  # progress, as Dassl prints it
+                done = sum(len(y) for _, y in out)
+                print(f"features [{i + 1}/{len(loader)}] images {done} "
+                      f"({done / max(time.time() - t0, 1e-9):.1f}/s, this process)")
+        x, y = torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])  # (n, E), (n,)
+        if dist.is_available() and dist.is_initialized():
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (x, y))
+            W, n = len(parts), sum(len(p[1]) for p in parts)  # item j was read by rank j % W
+            x = torch.stack([parts[j % W][0][j // W] for j in range(n)])  # (n, E)
+            y = torch.stack([parts[j % W][1][j // W] for j in range(n)])  # (n,)
+        return x, y
 
     def fit(self, train_loader, val_loader):
         """Extract features once, choose C and fit the head; prints and returns (C, val

@@ -21,11 +21,14 @@ that says where the last checkpoint is.
 """
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import sys
+import time
 
 import torch
+import torch.distributed as dist
 
 import clip
 import data
@@ -89,6 +92,11 @@ def check_config(cfg, given, flags, module):
         raise ValueError(f"--device {cfg['device']}: train.py runs on cpu or cuda")
     if cfg["precision"] not in (None, "fp32") and device.type != "cuda":
         raise ValueError(f"--precision {cfg['precision']} needs a GPU; on the CPU use fp32")
+    world = cfg["world_size"]
+    if trains and not cfg["eval_only"] and cfg["batch_size"] % world:
+        raise ValueError(f"--batch-size {cfg['batch_size']} is the global batch, split over "
+                         f"{world} processes: pass a multiple of {world} (e.g. --batch-size "
+                         f"{world}, a different recipe), or run on fewer processes")
 
 
 def check_classes(model, cfg, halves, learned_for=None):
@@ -139,6 +147,20 @@ def check_data(halves, train=True, val=False):
                     f"{split} images, e.g. {d.classnames[empty[0]]!r}. Add images (a folder "
                     "dataset splits each class 50/20/30: at least 4 per class), or choose "
                     "another --dataset")
+
+
+def rank():
+    """This process's rank under torchrun (DDP), 0 without it."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def progress(what, i, n, done, t0, cfg):
+    """A Dassl-style progress line every print_freq batches and at the end (batch i of n,
+    `done` images so far, all ranks together)."""
+    if (i + 1) % cfg["print_freq"] == 0 or i + 1 == n:
+        rate = done / max(time.time() - t0, 1e-9)
+        eta = datetime.timedelta(seconds=round((n - i - 1) * (time.time() - t0) / (i + 1)))
+        print(f"{what} [{i + 1}/{n}] images {done} ({rate:.1f}/s) eta {eta}")
 
 
 # ---- the run's folder
@@ -239,6 +261,10 @@ def run_folder(cfg):
     settings), and send everything printed (and warned) inside also to OUT/log.txt. Ctrl-C
     ends with one line saying where the last checkpoint is."""
     out, ckpt = cfg["out"], os.path.join(cfg["out"], "checkpoint.pt")
+    if rank() != 0:  # DDP: rank 0 keeps the folder and prints; the others stay silent
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            yield
+        return
     if os.path.isfile(out):
         raise ValueError(f"--out {out} is a file; pass a folder (new or a run's own)")
     try:
@@ -300,7 +326,8 @@ def run_cli(main):
     try:
         main()
     except (*USER_ERRORS, FloatingPointError, Interrupted) as e:
-        print(f"{'' if isinstance(e, Interrupted) else 'error: '}{e}", file=sys.stderr)
+        where = f"[rank {rank()}] " if dist.is_initialized() else ""  # DDP: which process
+        print(f"{where}{'' if isinstance(e, Interrupted) else 'error: '}{e}", file=sys.stderr)
         sys.exit({FloatingPointError: 1, Interrupted: 130}.get(type(e), 2))
     except KeyboardInterrupt:  # before the run's folder was set up: nothing to lose
         sys.exit(130)

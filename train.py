@@ -17,12 +17,14 @@ settings; the command line. It is printed, and saved with the results and the le
 """
 import argparse
 import datetime
+import functools
 import math
 import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import clip
@@ -135,6 +137,7 @@ def resolve_config(args):
     cfg.update(saved)
     cfg.update(given, method=method, protocol=protocol)
     cfg["model_options"] = [k for k in recipe if k not in RUN]  # the model's constructor args
+    cfg["world_size"] = int(os.environ.get("WORLD_SIZE", 1))  # processes: torchrun's, or 1
     runs.check_config(cfg, given, MODEL_FLAGS, module)
     if cfg["precision"] is None:  # bf16 autocast needs no loss scaling (fp16 autocast would)
         cuda = cfg["device"].startswith("cuda")
@@ -181,11 +184,17 @@ def evaluate(model, loader, cfg, amp):
     with amp:  # image-independent class features: once, not once per test batch
         g = {"text_features": model.text_features()} if hasattr(model, "text_features") else {}
     correct = total = 0
-    for images, labels in loader:
+    t0 = time.time()
+    for i, (images, labels) in enumerate(loader):
         with amp:
             logits = model(images.to(cfg["device"]), **g)  # (B, 3, H, W) -> (B, n_cls)
         correct += (logits.argmax(dim=-1).cpu() == labels).sum().item()
         total += len(labels)
+        runs.progress("evaluate", i, len(loader), total * cfg["world_size"], t0, cfg)
+    if cfg["world_size"] > 1:  # DDP: each rank evaluated every world-th image; add them up
+        counts = torch.tensor([correct, total], device=cfg["device"])
+        dist.all_reduce(counts)
+        correct, total = counts.tolist()
     if total == 0:
         raise data.DataError("no readable test images: every one was skipped as unreadable")
     return 100.0 * correct / total
@@ -197,6 +206,10 @@ def train(model, loader, cfg, amp):
     params = [p for p in model.parameters() if p.requires_grad]
     # Momentum 0.9 and weight decay 5e-4 are Dassl's defaults; no official config changes them.
     optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=5e-4)
+    # DDP: each rank's share of the batch through the same model; backward averages the ranks'
+    # gradients, which for equal shares is the gradient of the whole batch
+    step_model = torch.nn.parallel.DistributedDataParallel(model) if cfg["world_size"] > 1 \
+        else model
     ckpt_path = os.path.join(cfg["out"], "checkpoint.pt")
     start = runs.resume(ckpt_path, model, optimizer, cfg) if cfg["resume"] else 0
     E, n, t0 = cfg["epochs"], len(loader), time.time()
@@ -204,15 +217,16 @@ def train(model, loader, cfg, amp):
         # The randomness of an epoch (order, crops, flips) depends on (seed, epoch) only, so a
         # resumed run repeats exactly what the uninterrupted run did.
         torch.manual_seed(cfg["seed"] * 1000 + epoch)
-        loader.generator.manual_seed(cfg["seed"] * 1000 + epoch)
+        loader.generator.manual_seed(cfg["seed"] * 1000 + epoch)  # the order of the images
+        loader.dataset.seed = cfg["seed"] * 1000 + epoch  # and each image's augmentation
         lr = get_lr(epoch, cfg["lr"], E)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model.train()  # NOTE(official code): each model keeps its frozen CLIP in eval mode
+        step_model.train()  # NOTE(official code): each model keeps its frozen CLIP in eval mode
         for i, (images, labels) in enumerate(loader):
             images, labels = images.to(cfg["device"]), labels.to(cfg["device"])
             with amp:
-                logits = model(images)  # (B, n_cls)
+                logits = step_model(images)  # (B, n_cls); DDP: (B / world_size, n_cls)
             loss = F.cross_entropy(logits.float(), labels)
             if (i + 1) % cfg["print_freq"] == 0 or n < cfg["print_freq"] or \
                     not torch.isfinite(loss):
@@ -226,8 +240,9 @@ def train(model, loader, cfg, amp):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        runs.save(ckpt_path, learned=runs.learned_state(model),
-                  optimizer=optimizer.state_dict(), epoch=epoch + 1, config=cfg)
+        if runs.rank() == 0:
+            runs.save(ckpt_path, learned=runs.learned_state(model),
+                      optimizer=optimizer.state_dict(), epoch=epoch + 1, config=cfg)
         if epoch + 1 == cfg["stop_after_epoch"]:
             return False
     return True
@@ -236,7 +251,13 @@ def train(model, loader, cfg, amp):
 def main(argv=None):
     args = parser.parse_args(argv)
     cfg = resolve_config(args)
-    with runs.run_folder(cfg):  # refuses to replace a finished run; log.txt; Ctrl-C
+    if cfg["world_size"] > 1:  # torchrun: one process per GPU (nccl) or CPU slot (gloo)
+        cuda = cfg["device"].startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            cfg["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(cfg["device"])
+    with runs.run_folder(cfg):  # rank 0 only: refuses to replace a run; log.txt; Ctrl-C
         print(" ".join(["python train.py", *(sys.argv[1:] if argv is None else argv)]),
               "config:", *(f"  {k}: {v}" for k, v in cfg.items()), sep="\n")
         # ---- data: the training classes first (base, or all), then the new half
@@ -257,41 +278,50 @@ def main(argv=None):
         runs.check_context_length(model, cfg, args.n_ctx)
         if loaded:  # --eval-only --load: the training run's learned tensors
             runs.load_learned(model, loaded["learned"])
-        trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-        print("trainable parameters:", ", ".join(f"{k} {tuple(p.shape)}" for k, p in trainable[:8]),
-              "..." * (len(trainable) > 8), f"= {sum(p.numel() for _, p in trainable):,}")
         amp = torch.autocast(torch.device(cfg["device"]).type, dtype=torch.bfloat16,
                              enabled=cfg["precision"] == "amp")
-        n_px = clip_model.visual.input_resolution
-        # ---- train (the linear probe: fit in closed form, on un-augmented images)
-        loaders, t0 = [], time.time()
-        if not cfg["eval_only"] and fits:
-            loaders += [data.make_loader(s, n_px, cfg["eval_batch_size"], False, cfg["workers"])
-                        for s in (shots.train, shots.val)]
-            with amp:
-                model.fit(*loaders)
-        elif not cfg["eval_only"] and trainable:
-            loaders.append(data.make_loader(shots.train, n_px, cfg["batch_size"], True,
-                                            cfg["workers"], cfg["seed"]))
-            if not train(model, loaders[0], cfg, amp):
-                print(f"stopped after epoch {cfg['stop_after_epoch']}; --resume continues")
-                return None
+        loader = functools.partial(data.make_loader, n_px=clip_model.visual.input_resolution,
+                                   num_workers=cfg["workers"], rank=runs.rank(),
+                                   world=cfg["world_size"])
+        # ---- train, then evaluate the last epoch's model (Dassl TEST.FINAL_MODEL "last_step")
+        t0 = time.time()
+        loaders = [] if cfg["eval_only"] else learn(model, shots, loader, cfg, amp)
+        if loaders is None:
+            print(f"stopped after epoch {cfg['stop_after_epoch']}; --resume continues")
+            return None
         train_seconds = time.time() - t0
-        if loaders:  # what was learned, and the configuration that rebuilds its model
+        if loaders and runs.rank() == 0:  # what was learned, and how to rebuild its model
             runs.save(os.path.join(cfg["out"], "learned.pt"), learned=runs.learned_state(model),
                       config=cfg, classnames=shots.classnames)
-        # ---- evaluate the last epoch's model (Dassl TEST.FINAL_MODEL "last_step") on each half
         accuracy = {}
         for name, half in halves.items():
             runs.load_learned(models[name], runs.learned_state(model))  # the new half's too
-            loaders.append(data.make_loader(half.test, n_px, cfg["eval_batch_size"], False,
-                                            cfg["workers"]))
+            loaders.append(loader(half.test, batch_size=cfg["eval_batch_size"], train=False))
             accuracy[name] = evaluate(models[name], loaders[-1], cfg, amp)
             print(f"* {name} accuracy: {accuracy[name]:.2f}%")
         if "new" in accuracy:  # harmonic mean H = 2*B*N/(B+N)
             b, n = accuracy["base"], accuracy["new"]
             accuracy["hm"] = 2 * b * n / (b + n) if b + n else 0.0
         return runs.save_results(cfg, accuracy, train_seconds, loaders, ds.source)
+
+
+def learn(model, shots, loader, cfg, amp):
+    """Train on the training half's shots (`loader` makes data.make_loader's loaders); the linear
+    probe: fit in closed form on un-augmented images. -> the loaders used, None when
+    --stop-after-epoch stopped training early."""
+    trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    print("trainable parameters:", ", ".join(f"{k} {tuple(p.shape)}" for k, p in trainable[:8]),
+          "..." * (len(trainable) > 8), f"= {sum(p.numel() for _, p in trainable):,}")
+    if hasattr(model, "fit"):
+        loaders = [loader(s, batch_size=cfg["eval_batch_size"], train=False)
+                   for s in (shots.train, shots.val)]
+        with amp:
+            model.fit(*loaders)
+        return loaders
+    if not trainable:  # zero-shot CLIP: nothing to learn
+        return []
+    loaders = [loader(shots.train, batch_size=cfg["batch_size"], train=True, seed=cfg["seed"])]
+    return loaders if train(model, loaders[0], cfg, amp) else None
 
 
 if __name__ == "__main__":

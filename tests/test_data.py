@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+import layouts
 from data import DataError
 
 
@@ -282,7 +283,7 @@ def test_folder_split_written_then_reused(tmp_path, capsys, monkeypatch):
     def no_new_split(*args):
         raise AssertionError("the saved split should be reused")
 
-    monkeypatch.setattr(data, "_make_folder_split", no_new_split)
+    monkeypatch.setattr(layouts, "_make_folder_split", no_new_split)
     again = data.load("folder", tmp_path, shots=-1)
     assert (again.train, again.val, again.test) == (ds.train, ds.val, ds.test)
 
@@ -295,7 +296,7 @@ def test_folder_unwritable_split_warns_and_continues(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(data, "open", read_only_open, raising=False)
+    monkeypatch.setattr(layouts, "open", read_only_open, raising=False)
     with pytest.warns(UserWarning, match="could not write"):
         ds = data.load("folder", tmp_path)
     assert len(ds.train) == 15 and not (tmp_path / "split_folder.json").exists()

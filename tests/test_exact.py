@@ -107,7 +107,8 @@ def test_train_evaluate_computes_text_features_once(clip_model, batch, monkeypat
     text_features = model.text_features
     monkeypatch.setattr(model, "text_features", lambda: calls.append(1) or text_features())
     loader = [batch, (batch[0][:1], batch[1][:1]), batch]
-    accuracy = train.evaluate(model, loader, dict(device="cpu"), contextlib.nullcontext())
+    cfg = dict(device="cpu", print_freq=5, world_size=1)
+    accuracy = train.evaluate(model, loader, cfg, contextlib.nullcontext())
     assert len(calls) == 1
     with torch.no_grad():
         hits = sum((bench.ref_coop_logits(model, x).argmax(-1) == y).sum().item()
