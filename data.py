@@ -151,8 +151,8 @@ class ImageList(torch.utils.data.Dataset):
             return None, path
         if self.seed is None:
             return self.transform(image), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + i)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator the transforms draw from
+            torch.default_generator.manual_seed(self.seed * 1_000_003 + i)
             return self.transform(image), label
 
 
