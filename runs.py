@@ -149,6 +149,17 @@ def check_data(halves, train=True, val=False):
                     "another --dataset")
 
 
+def start_processes(cfg):
+    """Under torchrun (cfg["world_size"] > 1): join the process group, nccl on GPUs (each
+    process on the GPU of its LOCAL_RANK), gloo on CPUs. Without torchrun, nothing."""
+    if cfg["world_size"] > 1:
+        cuda = cfg["device"].startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            cfg["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(cfg["device"])
+
+
 def rank():
     """This process's rank under torchrun (DDP), 0 without it."""
     return dist.get_rank() if dist.is_initialized() else 0

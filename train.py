@@ -3,7 +3,7 @@ against (full fine-tuning, the linear probe). Examples (README.md has more):
 
     python train.py                                    # CoOp on the toy world, CPU, ~20 s
     python train.py --method cocoop --dataset dtd --root ~/data    # base -> new, ViT-B/16
-    python train.py --eval-only --load RUN_DIR --dataset imagenet_sketch --root ~/data
+    torchrun --nproc_per_node=4 train.py --method coop --dataset imagenet --root ~/data
 
 Protocols: base2new (CoCoOp/MaPLe papers) trains on the first half of the classes and tests on
 the base and the new (unseen) half, H = 2*base*new/(base+new); fewshot (CoOp paper) trains and
@@ -101,20 +101,22 @@ g.add_argument("--backbone", help=f"{', '.join(clip.available_models())} or a ch
                "(default: ViT-B/16; toy with the toy dataset)")
 g = parser.add_argument_group("method (defaults: each method file's DEFAULTS; the toy run: "
                               "toy/world.py RECIPES)")
-g.add_argument("--n-ctx", type=runs.positive(int), help=f"context tokens M ({_defaults('n_ctx')})")
+g.add_argument("--n-ctx", type=runs.positive(int), help=f"context tokens M "
+               f"({_defaults('n_ctx')})")
 g.add_argument("--ctx-init", help=f"initial context words ({_defaults('ctx_init')}); '' for "
                "random N(0, 0.02)")
 g.add_argument("--csc", action="store_true", default=None, help="coop: class-specific context")
 g.add_argument("--class-token-position", choices=["end", "middle", "front"], help="coop (end)")
-g.add_argument("--prompt-depth", type=runs.positive(int), help=f"maple ({_defaults('prompt_depth')})")
+g.add_argument("--prompt-depth", type=runs.positive(int), help=f"maple "
+               f"({_defaults('prompt_depth')})")
 g.add_argument("--finetune-part", help="finetune: all (default), image, or last:N (the image "
                "encoder's last N blocks and head)")
 g.add_argument("--template", help="zeroshot, finetune: e.g. 'a blurry photo of a {}.' (default: "
                "the dataset's, CoOp's CUSTOM_TEMPLATES)")
 g.add_argument("--ensemble", action="store_true", default=None, help="zeroshot: prompt "
                "ensembling over 7 ImageNet templates and the dataset's")
-g.add_argument("--epochs", type=runs.positive(int), help=f"({_defaults('epochs')}; coop by shots: 1 -> 50, "
-               "2-4 -> 100, 8-16 -> 200, ImageNet 50)")
+g.add_argument("--epochs", type=runs.positive(int), help=f"({_defaults('epochs')}; coop by "
+               "shots: 1 -> 50, 2-4 -> 100, 8-16 -> 200, ImageNet 50)")
 g.add_argument("--lr", type=runs.positive(float), help=f"SGD learning rate ({_defaults('lr')})")
 g.add_argument("--batch-size", type=runs.positive(int), help=f"({_defaults('batch_size')})")
 
@@ -251,12 +253,7 @@ def train(model, loader, cfg, amp):
 def main(argv=None):
     args = parser.parse_args(argv)
     cfg = resolve_config(args)
-    if cfg["world_size"] > 1:  # torchrun: one process per GPU (nccl) or CPU slot (gloo)
-        cuda = cfg["device"].startswith("cuda")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            cfg["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(cfg["device"])
+    runs.start_processes(cfg)  # DDP under torchrun: one process per GPU, or per CPU slot
     with runs.run_folder(cfg):  # rank 0 only: refuses to replace a run; log.txt; Ctrl-C
         print(" ".join(["python train.py", *(sys.argv[1:] if argv is None else argv)]),
               "config:", *(f"  {k}: {v}" for k, v in cfg.items()), sep="\n")
@@ -266,7 +263,8 @@ def main(argv=None):
         halves = data.halves(ds, cfg["protocol"])  # {"base": .., "new": ..} or {"all": ..}
         print(*halves.values(), f"few-shot images: {ds.source}", sep="\n")
         fits = hasattr(METHODS[cfg["method"]][1], "fit")  # the linear probe: val shots too
-        runs.check_data(halves, train=not cfg["eval_only"] and cfg["method"] != "zeroshot", val=fits)
+        runs.check_data(halves, train=not cfg["eval_only"] and cfg["method"] != "zeroshot",
+                        val=fits)
         # ---- model: one per half, built now, so every class's prompt is checked before training
         clip_model, _ = clip.load(cfg["backbone"], cfg["device"], fp16=cfg["precision"] == "fp16")
         for block in clip_model.transformer.resblocks:  # opt-in, see clip/model.py

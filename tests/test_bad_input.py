@@ -85,7 +85,8 @@ def test_too_long_class_name_in_the_new_half_is_refused_before_training(world):
 
 
 def test_maple_depth_beyond_the_backbone_names_the_flag(world):
-    refused(world, "depth", "--method", "maple", match=r"prompt_depth must be .* \(--prompt-depth\)")
+    refused(world, "depth", "--method", "maple",
+            match=r"prompt_depth must be .* \(--prompt-depth\)")
 
 
 def test_output_folder_that_cannot_be_written(world, tmp_path):

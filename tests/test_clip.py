@@ -118,7 +118,8 @@ def test_preprocess_handles_image_modes():
     rgb = Image.new("RGB", (48, 40), (200, 100, 50))
     ref = t(rgb)
     assert ref.shape == (3, 32, 32)
-    expected = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(clip.MEAN)) / torch.tensor(clip.STD)
+    expected = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(clip.MEAN)) / \
+        torch.tensor(clip.STD)
     torch.testing.assert_close(ref[:, 16, 16], expected, atol=1e-3, rtol=0)
     for mode in ("L", "P", "RGBA", "CMYK"):
         out = t(rgb.convert(mode))
@@ -184,14 +185,16 @@ def test_download_checksum_and_no_network(tmp_path, monkeypatch):
         def __exit__(self, *a):
             return False
 
-    monkeypatch.setattr(clip_load.urllib.request, "urlopen", lambda url, timeout: FakeResponse(payload))
+    monkeypatch.setattr(clip_load.urllib.request, "urlopen",
+                        lambda url, timeout: FakeResponse(payload))
     path = clip_load._download(f"https://example.invalid/models/{sha}/M.pt", str(tmp_path))
     assert open(path, "rb").read() == payload and not os.path.exists(path + ".part")
     # a cached file with the right hash is reused without a download
     monkeypatch.setattr(clip_load.urllib.request, "urlopen", lambda *a, **k: 1 / 0)
     assert clip_load._download(f"https://example.invalid/models/{sha}/M.pt", str(tmp_path)) == path
     # checksum mismatch: said, and the bad file is removed
-    monkeypatch.setattr(clip_load.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"bad"))
+    monkeypatch.setattr(clip_load.urllib.request, "urlopen",
+                        lambda url, timeout: FakeResponse(b"bad"))
     with pytest.raises(clip.DownloadError, match="SHA-256 does not match.*removed"):
         clip_load._download(f"https://example.invalid/models/{'0' * 64}/N.pt", str(tmp_path))
     assert os.listdir(tmp_path) == ["M.pt"]
