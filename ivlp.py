@@ -1,12 +1,12 @@
 """IVLP: Independent Vision-Language Prompting, and its one-tower variants: MaPLe's ablations.
 
-MaPLe's authors ship three prompting designs next to MaPLe (MaPLe:README.md, "Supported
-Methods"; no paper of their own), the ablations behind the coupling of Muhammad Uzair Khattak,
-Hanoona Rasheed, Muhammad Maaz, Salman Khan, Fahad Shahbaz Khan. "MaPLe: Multi-modal Prompt
-Learning". CVPR 2023. arXiv:2210.03117v3. Official trainers: MaPLe:trainers/independentVL.py
-(IVLP; with vision depth 0, deep language prompting) and MaPLe:trainers/vpt.py (deep vision
-prompting); both insert their prompts in the forked MaPLe:clip/model.py
-(ResidualAttentionBlock_IVLP, VisionTransformer).
+Muhammad Uzair Khattak, Hanoona Rasheed, Muhammad Maaz, Salman Khan, Fahad Shahbaz Khan.
+"MaPLe: Multi-modal Prompt Learning". CVPR 2023. arXiv:2210.03117v3. Next to MaPLe its authors
+ship three prompting designs without MaPLe's coupling, with their numbers (MaPLe:README.md,
+"Supported Methods", "Model Zoo"; no paper of their own). Official trainers:
+MaPLe:trainers/independentVL.py (IVLP; with vision depth 0, deep language prompting) and
+MaPLe:trainers/vpt.py (deep vision prompting); both insert their prompts in the forked
+MaPLe:clip/model.py (ResidualAttentionBlock_IVLP, VisionTransformer).
 
 MaPLe learns deep prompts in both CLIP towers and produces the vision prompts from the text
 prompts, P~_k = F_k(P_k), so gradients from the image side reach the text prompts and the two
