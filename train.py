@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import types
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ import cocoop
 import coop
 import data
 import finetune
+import ivlp
 import linearprobe
 import maple
 import runs
@@ -44,6 +46,8 @@ METHODS = {"zeroshot": (zeroshot, zeroshot.ZeroShot), "coop": (coop, coop.CoOp),
            "cocoop": (cocoop, cocoop.CoCoOp), "maple": (maple, maple.MaPLe),
            "finetune": (finetune, finetune.FineTune),
            "linearprobe": (linearprobe, linearprobe.LinearProbe)}
+METHODS.update({m: (types.SimpleNamespace(DEFAULTS=d), ivlp.IVLP)
+                for m, d in ivlp.VARIANTS.items()})
 # ---------------------------------------------------------------------------------------------
 # Run-level defaults. A key of a method's DEFAULTS that is not one of these is a model argument.
 RUN = dict(

@@ -160,6 +160,10 @@ def test_interpret_reads_each_context_vector(world, tmp_path, capsys):
     maple = interpret.main([str(tmp_path / "maple.pt")])
     assert list(maple) == ["ctx", "compound_prompts_text.0"]
     assert "skipped: proj.weight" in capsys.readouterr().out
+    torch.save({"learned": {"prompt_learner.vision_ctx": torch.randn(8, 128)},
+                "config": dict(cfg, method="vpt")}, tmp_path / "vpt.pt")
+    with pytest.raises(ValueError, match="this vpt run learned no text context"):
+        interpret.main([str(tmp_path / "vpt.pt")])
     torch.save(torch.randn(4, 64), tmp_path / "random.pt")
     with pytest.raises(ValueError, match="is not a prompt file written by train.py"):
         interpret.main([str(tmp_path / "random.pt")])

@@ -140,6 +140,11 @@ def main(argv=None):
         except ValueError:
             names = None  # data not here: label by index
     groups = context_vectors(state, table.shape[1], names, args.max_classes)
+    if not groups and not any(k == "ctx" or k.startswith("compound_prompts_text.")
+                              for k in state):
+        raise ValueError(f"{path} holds no text context vectors (keys: {', '.join(state)}): "
+                         f"this {cfg['method']} run learned no text context to read as words "
+                         "(vision prompts are not token vectors)")
     if not groups:
         raise ValueError(f"{path} holds no context vectors of width {table.shape[1]} (keys: "
                          f"{', '.join(state)}); is {backbone!r} the run's backbone?")

@@ -70,6 +70,14 @@ RECIPES = {
     # the paper's depth 9 of 12 text layers is 3 of the toy's 4; depth 4 (every layer) lost the
     # new classes in 4 of 10 seeds, depth 3 in 1 (README, "The toy world")
     "maple": dict(prompt_depth=3, lr=0.002),
+    # MaPLe's ablations (ivlp.py): the official depth 12 (every layer) scaled to MaPLe's toy
+    # depth 3 in each prompted tower (of the toy's 4 text and 6 vision layers), the official lr.
+    # Every layer did worse here, as for MaPLe (H over seeds 1-3): ivlp_text at text depth 4
+    # 57-84 (depth 3: 92-97), ivlp at depths 4 and 6 34-63 (3 and 3: 88-92), vpt at vision
+    # depth 6 59-64 and 4 68-69 (3: 70-73).
+    "vpt": dict(vision_depth=3),
+    "ivlp_text": dict(text_depth=3),
+    "ivlp": dict(text_depth=3, vision_depth=3),
     "finetune": dict(epochs=50),  # long enough to see forgetting (10 epochs still help)
 }
 
