@@ -175,7 +175,7 @@ def build_model(cfg, clip_model, ds, learned=None):
     try:
         model = METHODS[cfg["method"]][1](clip_model, ds.classnames, **options)
     except ValueError as e:  # an option that does not fit this model or class: name its flag
-        flags = [f"--{k.replace('_', '-')}" for k in options if k in str(e)]
+        flags = [f"--{k.replace('_', '-')}" for k in options if k in str(e) and k in MODEL_FLAGS]
         raise ValueError(f"{e} ({', '.join(flags)})" if flags else str(e)) from None
     model = model.to(cfg["device"])
     if learned is not None:

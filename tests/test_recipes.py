@@ -26,6 +26,13 @@ TOY = {
     "maple": dict(lr=0.002, epochs=5, batch_size=4, n_ctx=2, ctx_init="a photo of a",
                   prompt_depth=3),
     "finetune": dict(lr=1e-4, epochs=50, batch_size=32, finetune_part="all"),
+    # MaPLe's ablations: the official configs, depths scaled to the toy like MaPLe's
+    "vpt": dict(lr=0.0025, epochs=5, batch_size=4, n_ctx_vision=8, vision_depth=3,
+                text_depth=0),
+    "ivlp_text": dict(lr=0.0025, epochs=5, batch_size=4, n_ctx_text=4, text_depth=3,
+                      vision_depth=0),
+    "ivlp": dict(lr=0.0035, epochs=5, batch_size=4, n_ctx_text=2, n_ctx_vision=2, text_depth=3,
+                 vision_depth=3),
 }
 
 
@@ -103,7 +110,7 @@ def spy_sgd(monkeypatch):
     return steps
 
 
-@pytest.mark.parametrize("method", ["coop", "cocoop", "maple", "finetune"])
+@pytest.mark.parametrize("method", ["coop", "cocoop", "maple", "finetune", "ivlp"])
 def test_toy_run_applies_its_schedule_and_sgd_settings(method, toy_root, tmp_path, monkeypatch):
     steps = spy_sgd(monkeypatch)
     out = tmp_path / method
