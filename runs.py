@@ -246,8 +246,9 @@ def save_results(cfg, accuracy, train_seconds, loaders, fewshot_source):
     results = {k: cfg[k] for k in ("method", "dataset", "backbone", "shots", "seed", "protocol")}
     results.update(accuracy=accuracy, train_seconds=round(train_seconds, 1),
                    skipped_images=skipped, fewshot_source=fewshot_source, config=cfg)
-    with open(os.path.join(cfg["out"], "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if rank() == 0:  # DDP: one writer
+        with open(os.path.join(cfg["out"], "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
     print(f"{cfg['method']} | {cfg['dataset']} | " + " ".join(
         f"{k} {v:.2f}" for k, v in accuracy.items()) +
         f" | train {train_seconds:.0f}s | skipped images {skipped} | {cfg['out']}")
@@ -342,3 +343,6 @@ def run_cli(main):
         sys.exit({FloatingPointError: 1, Interrupted: 130}.get(type(e), 2))
     except KeyboardInterrupt:  # before the run's folder was set up: nothing to lose
         sys.exit(130)
+    finally:  # DDP: leave the process group before exit (its threads must not outlive it)
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -52,6 +52,22 @@ def toy_root(tmp_path_factory):
     return str(root)
 
 
+def record_blocks(clip_model, pre=True):
+    """Hooks on every block of both towers: their inputs (pre=True) or outputs."""
+    seen = {"text": [], "vision": []}
+    handles = []
+    for tower, blocks in (("text", clip_model.transformer.resblocks),
+                          ("vision", clip_model.visual.transformer.resblocks)):
+        for block in blocks:
+            if pre:
+                fn = (lambda t: lambda m, args: seen[t].append(args[0].detach().clone()))(tower)
+                handles.append(block.register_forward_pre_hook(fn))
+            else:
+                fn = (lambda t: lambda m, a, out: seen[t].append(out.detach().clone()))(tower)
+                handles.append(block.register_forward_hook(fn))
+    return seen, handles
+
+
 def folder_dataset(root, classes, per_class=6, seed=0):
     """root/<class>/<i>.png: 32x32 random-colour images (a 50/20/30 split: 3/1/2 per class)."""
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ import clip
 import ivlp
 import maple
 from clip.model import convert_weights
-from conftest import check_step_changes_only_prompts, make_tiny_clip
+from conftest import check_step_changes_only_prompts, make_tiny_clip, record_blocks
 
 CLASSNAMES = ["cat", "dog", "sea_lion", "red fox", "golden retriever"]
 N_CTX, DEPTH = 2, 3
@@ -30,22 +30,6 @@ def tiny_clip(layers=4, vision_width=128):
 @pytest.fixture(scope="module")
 def clip_model():
     return tiny_clip()
-
-
-def record_blocks(clip_model, pre=True):
-    """Hooks on every block of both towers: their inputs (pre=True) or outputs."""
-    seen = {"text": [], "vision": []}
-    handles = []
-    for tower, blocks in (("text", clip_model.transformer.resblocks),
-                          ("vision", clip_model.visual.transformer.resblocks)):
-        for block in blocks:
-            if pre:
-                fn = (lambda t: lambda m, args: seen[t].append(args[0].detach().clone()))(tower)
-                handles.append(block.register_forward_pre_hook(fn))
-            else:
-                fn = (lambda t: lambda m, a, out: seen[t].append(out.detach().clone()))(tower)
-                handles.append(block.register_forward_hook(fn))
-    return seen, handles
 
 
 # What the official trainers train, by their names (MaPLe:clip/model.py fork; independentVL.py

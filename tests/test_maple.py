@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import clip
 import maple
-from conftest import check_step_changes_only_prompts, make_tiny_clip
+from conftest import check_step_changes_only_prompts, make_tiny_clip, record_blocks
 
 CLASSNAMES = ["cat", "dog", "sea_lion", "red fox", "golden retriever"]
 N_CTX, DEPTH = 2, 3
@@ -24,22 +24,6 @@ def clip_model():
 
 def prompt_text(names=CLASSNAMES, init="a photo of a"):
     return [f"{init} {n.replace('_', ' ')}." for n in names]
-
-
-def record_blocks(clip_model, pre=True):
-    """Hooks on every block of both towers: their inputs (pre=True) or outputs."""
-    seen = {"text": [], "vision": []}
-    handles = []
-    for tower, blocks in (("text", clip_model.transformer.resblocks),
-                          ("vision", clip_model.visual.transformer.resblocks)):
-        for block in blocks:
-            if pre:
-                fn = (lambda t: lambda m, args: seen[t].append(args[0].detach().clone()))(tower)
-                handles.append(block.register_forward_pre_hook(fn))
-            else:
-                fn = (lambda t: lambda m, a, out: seen[t].append(out.detach().clone()))(tower)
-                handles.append(block.register_forward_hook(fn))
-    return seen, handles
 
 
 def test_trainable_parameters_at_vit_b16_widths():

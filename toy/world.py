@@ -52,11 +52,11 @@ CLASH = {"grass": {"green"}, "sand": {"yellow", "orange"}, "water": {"blue"},
 # The downstream Toy task. Labels follow `classes`, so the standard base/new split (the first
 # ceil(n/2) labels are base) gives the first half as base classes and the second half as new
 # (star and drop appear only in pretraining). `spurious`: the share of each base class's train
-# images on "its" scene. Measured with the shipped checkpoint (CoOp, base-to-new settings, 50
-# epochs, seeds 1-3): the learned context sits nearest to the words "sketch", "outline", "line"
-# and fixes the base classes either way; the new classes score 78% with spurious=0.9 and 89%
-# with spurious=0, against 85% zero-shot. The scene shortcut is what makes the static context
-# overfit here.
+# images on "its" scene. What this task shows, seed by seed: `python -m toy.check` (README, "The
+# toy world"). The learned context moves towards the words "sketch", "outline", "line" and
+# fixes the base classes; the new classes' errors are moon and arrow taken for bolt, a whole
+# class at a time, so their accuracy moves by ~17 points from seed to seed; the spurious scenes
+# and random crops that miss the object make those collapses likelier, not consistent.
 TASK = dict(classes=["circle", "ring", "square", "frame", "triangle", "heart",
                      "cross", "diamond", "moon", "arrow", "house", "bolt"],
             style="outline", n_train=48, n_val=16, n_test=80, spurious=0.9, seed=2024)
