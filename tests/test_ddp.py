@@ -53,13 +53,15 @@ def test_two_processes_give_the_one_process_run(toy_root, tmp_path, method, extr
     assert log.count("* base accuracy") == 1 and "world_size: 2" in log
 
 
-def test_batch_that_the_processes_do_not_divide(toy_root, tmp_path):
-    run = torchrun("--method", "cocoop", "--root", toy_root, "--device", "cpu",
-                   "--out", str(tmp_path / "b1"))  # CoCoOp's batch 1 on 2 processes
-    assert run.returncode != 0  # before any work: torchrun reports the exit statuses
-    assert "error: --batch-size 1 is the global batch, split over 2 processes: pass a " \
-           "multiple of 2" in run.stderr
-    assert not (tmp_path / "b1").exists()
+def test_batch_that_the_processes_do_not_divide(monkeypatch):
+    """Refused while resolving the configuration, on every rank, before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for 2 processes
+    with pytest.raises(ValueError, match=r"--batch-size 1 is the global batch, split over 2 "
+                                         r"processes: pass a multiple of 2"):
+        train.resolve_config(train.parser.parse_args(["--method", "cocoop"]))
+    cfg = train.resolve_config(train.parser.parse_args(["--method", "cocoop",
+                                                        "--batch-size", "2"]))
+    assert cfg["world_size"] == 2
 
 
 def test_a_failing_rank_stops_every_rank(toy_root, tmp_path):
