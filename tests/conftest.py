@@ -68,6 +68,19 @@ def record_blocks(clip_model, pre=True):
     return seen, handles
 
 
+def run_recorded(model, clip_model, images):
+    """One no-grad forward of a MaPLe-structured model with every block's inputs and outputs
+    recorded -> (inputs, outputs, the vision prompts, the image's patch embedding x0)."""
+    seen, handles = record_blocks(clip_model, pre=True)
+    outs, out_handles = record_blocks(clip_model, pre=False)
+    with torch.no_grad():
+        model(images)
+        vis = model.prompt_learner.vision_prompts()
+        x0 = clip_model.visual.embed(images)
+    for h in handles + out_handles:
+        h.remove()
+    return seen, outs, vis, x0
+
 def folder_dataset(root, classes, per_class=6, seed=0):
     """root/<class>/<i>.png: 32x32 random-colour images (a 50/20/30 split: 3/1/2 per class)."""
     rng = np.random.default_rng(seed)

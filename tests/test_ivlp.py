@@ -8,7 +8,7 @@ import clip
 import ivlp
 import maple
 from clip.model import convert_weights
-from conftest import check_step_changes_only_prompts, make_tiny_clip, record_blocks
+from conftest import check_step_changes_only_prompts, make_tiny_clip, run_recorded
 
 CLASSNAMES = ["cat", "dog", "sea_lion", "red fox", "golden retriever"]
 N_CTX, DEPTH = 2, 3
@@ -117,14 +117,7 @@ def test_prompts_sit_in_the_right_slots(clip_model, images):
     # the text tower 2 tokens at 3 layers, the vision tower 3 tokens at 2 layers
     model = ivlp.IVLP(clip_model, CLASSNAMES, n_ctx_vision=3, text_depth=DEPTH, vision_depth=2)
     pl, visual = model.prompt_learner, clip_model.visual
-    seen, handles = record_blocks(clip_model, pre=True)
-    outs, out_handles = record_blocks(clip_model, pre=False)
-    with torch.no_grad():
-        model(images)
-        vis = pl.vision_prompts()
-        x0 = visual.embed(images)
-    for h in handles + out_handles:
-        h.remove()
+    seen, outs, vis, x0 = run_recorded(model, clip_model, images)
     P = (32 // 8) ** 2
     assert len(vis) == 2 and all(x.shape == (2, 1 + P + 3, 128) for x in seen["vision"])
     # Layer 0: P~_0 after the patches, no positional embedding, through ln_pre with the rest.

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 import clip
 import maple
-from conftest import check_step_changes_only_prompts, make_tiny_clip, record_blocks
+from conftest import (check_step_changes_only_prompts, make_tiny_clip, record_blocks,
+                      run_recorded)
 
 CLASSNAMES = ["cat", "dog", "sea_lion", "red fox", "golden retriever"]
 N_CTX, DEPTH = 2, 3
@@ -85,14 +86,7 @@ def test_depth_1_text_branch_is_coop(clip_model):
 def test_prompts_sit_in_the_right_slots(clip_model, images):
     model = maple.MaPLe(clip_model, CLASSNAMES, prompt_depth=DEPTH)
     pl, visual = model.prompt_learner, clip_model.visual
-    seen, handles = record_blocks(clip_model, pre=True)
-    outs, out_handles = record_blocks(clip_model, pre=False)
-    with torch.no_grad():
-        model(images)
-        vis = pl.vision_prompts()
-        x0 = visual.embed(images)
-    for h in handles + out_handles:
-        h.remove()
+    seen, outs, vis, x0 = run_recorded(model, clip_model, images)
     P = (32 // 8) ** 2
     assert all(x.shape == (2, 1 + P + N_CTX, 128) for x in seen["vision"])
     # Layer 0: P~_0 after the patches, no positional embedding, through ln_pre with the rest.
