@@ -100,7 +100,7 @@ def ref_maple_logits(model, images):
     """MaPLe's CustomCLIP.forward: the deep-prompted text encoder over all 77 positions (the
     official TextEncoder and forked blocks), then the prompted image encoder."""
     m, pl = model.clip_model, model.prompt_learner
-    prompts, deep, vision = pl()
+    prompts, deep, vision, deep_vision = pl()
     N, L, _ = prompts.shape
     zeros = torch.zeros(N, m.context_length - L, dtype=torch.long, device=prompts.device)
     x = torch.cat([prompts, m.token_embedding(zeros)], 1) + m.positional_embedding  # (N, 77, D)
@@ -111,7 +111,7 @@ def ref_maple_logits(model, images):
         x = block(x)
     x = m.ln_final(x)[torch.arange(N, device=x.device), pl.tokenized_prompts.argmax(-1)]  # (N, D)
     g = x @ m.text_projection  # (N, E)
-    f = F.normalize(model.encode_image(images, vision), dim=-1)  # (B, E), as ours
+    f = F.normalize(model.encode_image(images, vision, deep_vision), dim=-1)  # (B, E), as ours
     return m.logit_scale.exp() * f @ F.normalize(g, dim=-1).t()  # (B, n_cls)
 
 

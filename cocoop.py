@@ -26,13 +26,19 @@ Symbol -> code:
     t_i(x) <-> PromptLearner.forward(x)[:, i]          tau <-> 1 / clip_model.logit_scale.exp()
     g(.) <-> clip_model.encode_text_embeddings (in CoCoOp.encode_text's batched pass)
 
+Context rule (the same in every prompt learner here): ctx_init, when given, initialises the
+context: its first n_ctx tokens become the learned vectors and any further words stay fixed in
+the prompt; n_ctx larger than ctx_init's token count is an error; ctx_init "" gives n_ctx random
+vectors. NOTE(official code): CoCoOp's code ignores N_CTX when CTX_INIT is set and learns every
+word (n_ctx = the word count); its configs pair N_CTX 4 with "a photo of a" (4 tokens), where the
+two rules agree.
+
 Shape legend: B images, n_cls classes, n_ctx context tokens (M), L prompt positions kept (up to
 the longest prompt's EOT, <= 77), D text width (512 for ViT-B/16), E joint embedding dim (512).
 
 Notes: prompt-learning-notes.md, "CoOp和CoCoOp" (static prompts, CoCoOp between CoOp and CLIP).
 Run: python train.py --method cocoop --dataset dtd --root DATA   (base -> new protocol)
 """
-import warnings
 from collections import OrderedDict
 
 import torch
@@ -45,7 +51,7 @@ from clip.tokenizer import encode
 
 DEFAULTS = dict(
     backbone="ViT-B/16",  # configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml
-    n_ctx=4,  # same config (N_CTX); with ctx_init it is the number of init tokens
+    n_ctx=4,  # same config (N_CTX); the tokens of ctx_init learned (the context rule)
     ctx_init="a photo of a",  # same config (CTX_INIT), the base->new scripts' default
     lr=0.002,  # same config (OPTIM.LR), SGD
     epochs=10,  # same config (OPTIM.MAX_EPOCH)
@@ -65,7 +71,7 @@ def _tokenize_prompts(prompts, classnames, context_length):
             rows.append(clip.tokenize(text, context_length))  # (1, 77)
         except RuntimeError as e:
             raise ValueError(f"class name {name!r} makes the prompt too long: {e} Shorten the "
-                             "class name, or use fewer context tokens (n_ctx).") from None
+                             "class name or ctx_init.") from None
     return torch.cat(rows)  # (n_cls, 77)
 
 
@@ -80,19 +86,15 @@ class PromptLearner(nn.Module):
         E = clip_model.visual.output_dim  # image feature dim = meta-net input
         embed = clip_model.token_embedding
         device = embed.weight.device  # build on CLIP's device; lookups need ids there
-        if ctx_init:
+        if ctx_init:  # the context rule: see the module docstring
             ctx_init = ctx_init.replace("_", " ")
             init_ids = encode(ctx_init)  # BPE ids of the init words, no SOS/EOT
-            if n_ctx != len(init_ids):
-                warnings.warn(f"n_ctx={n_ctx} is replaced by {len(init_ids)}, the number of "
-                              f"tokens of ctx_init={ctx_init!r}; pass ctx_init='' for random "
-                              "context of length n_ctx.")
-            # NOTE(simplification): the official code counts words and assumes one BPE token
-            # per word; counting tokens is the same for "a photo of a" (320 1125 539 320) and
-            # keeps a multi-token word wholly learnable (as coop.py does).
-            n_ctx = len(init_ids)
+            if n_ctx > len(init_ids):
+                raise ValueError(f"n_ctx={n_ctx} is more than the {len(init_ids)} tokens of "
+                                 f"ctx_init={ctx_init!r}: pass n_ctx <= {len(init_ids)}, or "
+                                 f"ctx_init='' for {n_ctx} random context vectors")
             with torch.no_grad():
-                ids = torch.tensor(init_ids, device=device)  # (n_ctx,)
+                ids = torch.tensor(init_ids[:n_ctx], device=device)  # (n_ctx,)
                 ctx_vectors = embed(ids).float()  # (n_ctx, D)
             prefix = ctx_init
         else:
@@ -164,6 +166,7 @@ class CoCoOp(nn.Module):
         self.clip_model = clip_model.requires_grad_(False).eval()  # frozen, never fine-tuned
         self.prompt_learner = PromptLearner(clip_model, classnames, n_ctx, ctx_init)
         self.chunk_size = chunk_size
+        self.per_class = False  # the context and the meta-net fit any classes
 
     def train(self, mode=True):
         # The frozen CLIP always stays in eval mode, as in the official trainer (which puts only

@@ -27,8 +27,15 @@ Symbol -> code:
     f           normalised clip_model.encode_image(x) (frozen image encoder)
     τ           1 / clip_model.logit_scale.exp()   (frozen; 1/100 with OpenAI's weights)
 
-Shape legend: B images, n_cls classes, n_ctx context tokens (M), L text positions (77),
-D text width (512 for ViT-B/16), E joint embedding dim (512).
+Context rule (the same in every prompt learner here): ctx_init, when given, initialises the
+context: its first n_ctx tokens become the learned vectors and any further words stay fixed in
+the prompt; n_ctx larger than ctx_init's token count is an error; ctx_init "" gives n_ctx random
+vectors. NOTE(official code): CoOp's code ignores N_CTX when CTX_INIT is set and learns every word
+(n_ctx = the word count); its configs pair N_CTX 4 with "a photo of a" (4 tokens), where the two
+rules agree.
+
+Shape legend: B images, n_cls classes, n_ctx context tokens (M), L prompt positions kept (up to
+the longest prompt's EOT, <= 77), D text width (512 for ViT-B/16), E joint embedding dim (512).
 
 Notes: prompt-learning-notes.md, "CoOp和CoCoOp" (static prompt, context, prototype distortion).
 Run: python train.py --method coop --dataset oxford_pets --root DATA --protocol fewshot
@@ -79,6 +86,8 @@ class PromptLearner(nn.Module):
     def __init__(self, clip_model, classnames, n_ctx=16, ctx_init="", csc=False,
                  class_token_position="end"):
         super().__init__()
+        if not isinstance(n_ctx, int) or n_ctx < 1:
+            raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"class_token_position must be 'end', 'middle' or 'front', "
                              f"got {class_token_position!r}")
@@ -88,18 +97,22 @@ class PromptLearner(nn.Module):
         self.n_cls, self.class_token_position = len(classnames), class_token_position
 
         # notes: "什么是上下文" -- the context replaces the words of "a photo of a {}.".
-        if ctx_init:
+        if ctx_init:  # the context rule: see CoOp's docstring
             ctx_init = ctx_init.replace("_", " ")
             init_ids = encode(ctx_init)
-            # NOTE(simplification): the official code sets n_ctx to the number of words and
-            # assumes one BPE token per word; counting tokens is the same for "a photo of a"
-            # (320, 1125, 539, 320) and keeps a multi-token word whole in the context.
-            n_ctx = len(init_ids)
+            if n_ctx > len(init_ids):
+                raise ValueError(f"n_ctx={n_ctx} is more than the {len(init_ids)} tokens of "
+                                 f"ctx_init={ctx_init!r}: pass n_ctx <= {len(init_ids)}, or "
+                                 f"ctx_init='' for {n_ctx} random context vectors")
+            if n_ctx < len(init_ids) and class_token_position != "end":
+                raise ValueError(f"class_token_position={class_token_position!r} moves the "
+                                 f"class name into the context: learn all of ctx_init (n_ctx="
+                                 f"{len(init_ids)}) or use class_token_position='end'")
             if csc:
                 warnings.warn("csc is ignored with ctx_init: the context is initialised from "
                               "the words and shared by all classes (as in the official code)")
             with torch.no_grad():
-                ids = torch.tensor(init_ids, device=embedding.weight.device)
+                ids = torch.tensor(init_ids[:n_ctx], device=embedding.weight.device)
                 ctx = embedding(ids).float()  # (n_ctx, D)
             prefix_text = ctx_init
         else:
@@ -120,7 +133,11 @@ class PromptLearner(nn.Module):
         prompts = [f"{prefix_text} {name}." for name in classnames]
         self.name_lens = [len(encode(name)) for name in classnames]  # class-name BPE tokens
         check_lengths(classnames, prompts, n_ctx, self.name_lens, clip_model.context_length)
-        tokens = clip.tokenize(prompts, clip_model.context_length)  # (n_cls, L)
+        tokens = clip.tokenize(prompts, clip_model.context_length)  # (n_cls, 77)
+        # Exact cut: the text tower is causal and read at EOT, so positions after the longest
+        # prompt's EOT never matter.
+        L = int(tokens.argmax(dim=-1).max()) + 1  # EOT has the largest id, so argmax finds it
+        tokens = tokens[:, :L]  # (n_cls, L)
         with torch.no_grad():
             embedded = embedding(tokens.to(embedding.weight.device)).float()  # (n_cls, L, D)
         # Frozen pieces around the context: SOS, then class tokens, ".", EOT and padding. They
@@ -147,7 +164,7 @@ class PromptLearner(nn.Module):
 
 
 def place_class_tokens(prefix, ctx, suffix, name_lens, position):
-    """The "middle" and "front" variants of Sec. 3.2 (a third of the official forward).
+    """The "middle" and "front" variants of Sec. 3.2 (about two thirds of the official forward).
 
     prefix (n_cls, 1, D), ctx (n_cls, n_ctx, D), suffix (n_cls, L-1-n_ctx, D) -> (n_cls, L, D).
     Only the order changes, never the length, so EOT stays at the position that
@@ -171,10 +188,10 @@ def check_lengths(classnames, prompts, n_ctx, name_lens, context_length):
         n = len(encode(prompt)) + 2  # + SOS and EOT
         if n > context_length:
             raise ValueError(
-                f"the prompt for class {name!r} is {n} tokens (SOS + {n_ctx} context + {n_name} "
-                f"class-name tokens + '.' + EOT) but the context length is {context_length}: "
-                f"use fewer context tokens (n_ctx, or a shorter ctx_init) or a shorter class "
-                "name")
+                f"the prompt for class {name!r} is {n} tokens (SOS, the {n_ctx} context tokens "
+                f"and any fixed words, {n_name} class-name tokens, '.', EOT) but the context "
+                f"length is {context_length}: use a shorter ctx_init, fewer context tokens "
+                "(n_ctx) or a shorter class name")
 
 
 class CoOp(nn.Module):
@@ -188,10 +205,8 @@ class CoOp(nn.Module):
         self.prompt_learner = PromptLearner(clip_model, classnames, n_ctx, ctx_init, csc,
                                             class_token_position)  # the only trained parameters
         # Class-specific context has one row per training class: it fits only those classes (not
-        # base -> new, not another dataset). Empty for unified context, which fits any classes.
-        self.class_specific = "class-specific context (csc) holds one context per training " \
-            "class; unified context (csc=False) fits any classes" if \
-            self.prompt_learner.ctx.dim() == 3 else ""
+        # base -> new, not another dataset). Unified context fits any classes.
+        self.per_class = self.prompt_learner.ctx.dim() == 3
 
     def train(self, mode=True):
         # NOTE(official code): Dassl puts only the prompt learner in train mode; CLIP stays in
@@ -222,7 +237,7 @@ if __name__ == "__main__":
                      vision_patch_size=8, context_length=77, vocab_size=49408,
                      transformer_width=64, transformer_heads=1, transformer_layers=2)
     names = ["cat", "dog", "red fox", "golden_retriever", "airplane"]
-    for kwargs in (dict(), dict(csc=True), dict(ctx_init="a photo of a"),
+    for kwargs in (dict(), dict(csc=True), dict(n_ctx=4, ctx_init="a photo of a"),
                    dict(class_token_position="middle")):
         model = CoOp(tiny, names, **kwargs)
         logits = model(torch.randn(2, 3, 32, 32))

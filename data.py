@@ -8,8 +8,10 @@ batches. Unreadable images are skipped with a warning and counted (Loader.skippe
 
 Shape legend: B images in a batch, n_px the backbone's input resolution.
 """
+import datetime
 import math
 import os
+import time
 import random
 import warnings
 from dataclasses import dataclass, replace
@@ -167,19 +169,34 @@ def _collate(batch):
 
 class Loader(torch.utils.data.DataLoader):
     """A DataLoader of (images (B, 3, n_px, n_px), labels (B,)). An unreadable image is skipped
-    with a warning, once per file however many epochs; `skipped` holds the paths."""
+    with a warning, once per file however many epochs; `skipped` holds the paths. A progress line
+    every `print_freq` batches and at the end (None: silent); a training loader's randomness is
+    set per epoch by set_epoch."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, name="", print_freq=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.skipped = set()
+        self.skipped, self.name, self.print_freq = set(), name, print_freq
+
+    def set_epoch(self, seed, epoch):
+        """Seed the image order (this loader's generator) and each image's crop and flip
+        (ImageList.seed) from (seed, epoch) alone: a resumed run repeats the same epoch."""
+        self.generator.manual_seed(seed * 1000 + epoch)
+        self.dataset.seed = seed * 1000 + epoch
 
     def __iter__(self):
-        for images, labels, bad in super().__iter__():
+        t0, done = time.time(), 0
+        for i, (images, labels, bad) in enumerate(super().__iter__()):
             for path in set(bad) - self.skipped:
                 warnings.warn(f"skipping unreadable image {path}")
                 self.skipped.add(path)
             if len(labels):
                 yield images, labels
+            done += len(labels)
+            if self.print_freq and ((i + 1) % self.print_freq == 0 or i + 1 == len(self)):
+                rate, left = done / max(time.time() - t0, 1e-9), len(self) - i - 1
+                eta = datetime.timedelta(seconds=round(left * (time.time() - t0) / (i + 1)))
+                print(f"{self.name} [{i + 1}/{len(self)}] images {done} ({rate:.1f}/s, this "
+                      f"process) eta {eta}")
 
 
 class _Share(torch.utils.data.BatchSampler):
@@ -196,21 +213,46 @@ class _Share(torch.utils.data.BatchSampler):
             yield batch[self.rank * n:(self.rank + 1) * n]
 
 
-def make_loader(items, n_px, batch_size, train, num_workers=0, seed=0, rank=0, world=1):
-    """Train: augmented (train_transform), shuffled by a seeded torch.Generator, and drop_last
-    only when there is at least one full batch (as Dassl), so fewer images than a batch still
-    train; this rank's share of each batch. Otherwise: test_transform, in order, this rank's
-    share of the items (every world-th)."""
+def make_loader(items, n_px, batch_size, train, num_workers=0, rank=0, world=1,
+                print_freq=None):
+    """Train: augmented (train_transform), shuffled by a torch.Generator (Loader.set_epoch seeds
+    it), and drop_last only when there is at least one full batch (as Dassl), so fewer images than
+    a batch still train; this rank's share of each batch. Otherwise: test_transform, in order,
+    this rank's share of the items (every world-th), with a progress line every print_freq
+    batches."""
     if not items:
         raise DataError("no images to load: this split is empty (test-only datasets such as "
                         "the ImageNet variants have no train/val split)")
     if not train:
         return Loader(ImageList(items[rank::world], test_transform(n_px)), batch_size=batch_size,
-                      num_workers=num_workers, collate_fn=_collate,
-                      pin_memory=torch.cuda.is_available())
-    dataset, generator = ImageList(items, train_transform(n_px)), torch.Generator()
-    generator.manual_seed(seed)  # the order: as DataLoader(shuffle=True, generator=...) draws it
+                      num_workers=num_workers, collate_fn=_collate, name="evaluate",
+                      print_freq=print_freq, pin_memory=torch.cuda.is_available())
+    dataset = ImageList(items, train_transform(n_px))
+    generator = torch.Generator()  # the order: as DataLoader(shuffle=True, generator=...) draws it
     batches = _Share(torch.utils.data.RandomSampler(dataset, generator=generator), batch_size,
                      len(items) >= batch_size, rank, world)
     return Loader(dataset, batch_sampler=batches, generator=generator, num_workers=num_workers,
                   collate_fn=_collate, pin_memory=torch.cuda.is_available())
+
+
+def check(halves, train=True, val=False):
+    """Refuse, before any training, what cannot give a meaningful run: fewer than two classes to
+    tell apart, or a class without images in a split the run needs (test; train and val of the
+    first half when `train` / `val`). `halves`: halves()'s dict."""
+    first = next(iter(halves.values()))
+    if len(first.classnames) < 2:
+        raise DataError(f"{first.name}: {len(first.classnames)} class(es) to train on; a "
+                        "classifier needs at least 2 (base2new: 4, 2 in each half)")
+    if train and first.test_only:
+        raise DataError(f"{first.name} is test-only (no training images): evaluate trained "
+                        "prompts on it with --eval-only --load RUN_DIR")
+    for d in halves.values():
+        needed = ("train",) * train + ("val",) * val if d is first else ()
+        for split in (*needed, "test"):
+            empty = sorted(set(range(len(d.classnames))) - {y for _, y in getattr(d, split)})
+            if empty:
+                raise DataError(
+                    f"{d.name} ({d.subset}): {len(empty)} of {len(d.classnames)} classes have no "
+                    f"{split} images, e.g. {d.classnames[empty[0]]!r}. Add images (a folder "
+                    "dataset splits each class 50/20/30: at least 4 per class), or choose "
+                    "another --dataset")

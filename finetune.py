@@ -118,11 +118,6 @@ class TrainedPart(nn.Module):
             else:
                 owner.add_module(leaf, obj)  # shared with clip_model
 
-    def train(self, mode=True):
-        super().train(mode)
-        freeze_batchnorm(self)
-        return self
-
 
 class FineTune(nn.Module):
     """CLIP with its zero-shot classifier, the part `finetune_part` trainable.
@@ -132,16 +127,16 @@ class FineTune(nn.Module):
     exactly that part. Loading it into a FineTune built for other class names evaluates the
     fine-tuned encoders on those classes."""
 
-    def __init__(self, clip_model, classnames, finetune_part="all", template="a photo of a {}."):
+    def __init__(self, clip_model, classnames, finetune_part="all", template=clip.PHOTO):
         super().__init__()
         names = trained_names(clip_model, finetune_part)  # checks finetune_part first
-        if "{}" not in template:
-            raise ValueError(f"template {template!r} needs a {{}} for the class name")
+        clip.check_template(template)  # one {} for the class name
         clip_model.requires_grad_(False)  # logit_scale and whatever `part` leaves out
         # Registered before clip_model, so named_parameters() reports "trained_part.visual...".
         self.trained_part = TrainedPart(clip_model, names).requires_grad_(True)
         self.clip_model = clip_model
         self.train_text = finetune_part == "all"
+        self.per_class = False  # fine-tuned encoders score any classes
         prompts = [template.format(c.replace("_", " ")) for c in classnames]
         # The class prompts' ids depend on the class names: not saved (persistent=False).
         try:

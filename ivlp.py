@@ -48,6 +48,11 @@ Symbol -> code:
     V_1..V_K, x <-> IVLP.encode_image (a loop over clip_model.visual.transformer.resblocks)
     K <-> len(resblocks)        tau <-> 1 / clip_model.logit_scale.exp()
 
+Context rule (the same in every prompt learner here): ctx_init, when given, initialises the
+context: its first n_ctx_text tokens become the learned vectors and any further words stay fixed in
+the prompt ("a photo" learned, "of a" fixed for n_ctx_text = 2); n_ctx_text larger than ctx_init's token count
+is an error; ctx_init "" gives n_ctx_text random vectors.
+
 Shape legend: B images, n_cls classes, n_ctx_text learned text tokens per layer (M; n_ctx in
 encode_text), n_ctx_vision learned vision tokens per layer (M~), L prompt positions kept (up to
 the longest prompt's EOT, <= 77), N vision tokens (1 + patches, + n_ctx_vision with prompts),
@@ -75,7 +80,7 @@ VARIANTS = {
         n_ctx_text=0, text_depth=0,  # vpt.py: language_ctx 0, language_depth 0
         n_ctx_vision=8,  # the config's TRAINER.VPT.N_CTX_VISION
         vision_depth=12,  # PROMPT_DEPTH_VISION
-        ctx_init="a photo of a",  # CTX_INIT; the fixed prompt's words (vpt.py FixedEmbeddings)
+        ctx_init="a photo of a",  # the fixed prompt's words, hard-coded in vpt.py FixedEmbeddings
         lr=0.0025, epochs=5, batch_size=4,  # OPTIM.LR, OPTIM.MAX_EPOCH, TRAIN_X.BATCH_SIZE
         shots=16, print_freq=20, backbone="ViT-B/16"),  # TRAIN.PRINT_FREQ, MODEL.BACKBONE
     # configs/trainers/IVLP/vit_b16_c2_ep5_batch4_4ctx_language_only.yaml (independentVL.py)
@@ -202,9 +207,12 @@ class VLPromptLearner(nn.Module):
         return [self.vision_ctx, *self.compound_prompts_vision]  # independent of P_i
 
     def forward(self):
-        """-> text prompts (n_cls, L, D), deep text prompts J-1 x (n_ctx_text, D),
-        vision prompts J~ x (n_ctx_vision, Dv)."""
-        return self.text_prompts(), list(self.compound_prompts_text), self.vision_prompts()
+        """All prompts, built once: text prompts (n_cls, L, D) with P_0 in place, the deep text
+        prompts [P_1..P_{J-1}], P~_0 (n_ctx_vision, Dv) or None, and the deep vision prompts
+        [P~_1..P~_{J~-1}]. Block i of each tower gets entry i-1 of its deep list."""
+        vision = self.vision_prompts()  # independent of P_k
+        return (self.text_prompts(), list(self.compound_prompts_text),
+                vision[0] if vision else None, vision[1:])
 
 
 class IVLP(nn.Module):
@@ -230,6 +238,7 @@ class IVLP(nn.Module):
         self.clip_model = clip_model.requires_grad_(False).eval()  # frozen, never fine-tuned
         self.prompt_learner = VLPromptLearner(clip_model, classnames, n_ctx_text, n_ctx_vision,
                                               text_depth, vision_depth, ctx_init)
+        self.per_class = False  # the prompts fit any classes
         if not text_depth:
             # NOTE(official code): VPT's FixedEmbeddings, CLIP's features of the hand-written
             # prompt, computed once (here by the same text branch, with no prompt learned).
@@ -256,20 +265,20 @@ class IVLP(nn.Module):
             x = block(x)
         return m.pool_text(x, tokens.argmax(dim=-1))  # (n_cls, Dj), read at EOT
 
-    def encode_image(self, images, vision_prompts=()):
-        """Image branch. vision_prompts: P~_0..P~_{J~-1}, each (n_ctx_vision, Dv); P~_0 is
-        appended after the patches, P~_i replaces the last n_ctx_vision tokens at block i.
-        Empty: CLIP's encode_image."""
+    def encode_image(self, images, prompt=None, deep_prompts=()):
+        """Image branch. prompt: P~_0 (n_ctx_vision, Dv), appended after the patches; deep_prompts:
+        P~_1.., each (n_ctx_vision, Dv), replacing the last n_ctx_vision tokens at blocks 1, 2, ...
+        No prompts: CLIP's encode_image."""
         visual = self.clip_model.visual
         x = visual.embed(images)  # (B, 1+P, Dv), class token + patches + positional embedding
         B = x.shape[0]
-        if vision_prompts:  # appended after the positional embedding, before ln_pre
-            p = vision_prompts[0].to(x.dtype).expand(B, -1, -1)  # (B, n_ctx_vision, Dv)
+        if prompt is not None:  # appended after the positional embedding, before ln_pre
+            p = prompt.to(x.dtype).expand(B, -1, -1)  # (B, n_ctx_vision, Dv)
             x = torch.cat([x, p], dim=1)  # (B, N, Dv) with N = 1+P+n_ctx_vision
         x = visual.ln_pre(x)
         for i, block in enumerate(visual.transformer.resblocks):
-            if 1 <= i < len(vision_prompts):
-                p = vision_prompts[i].to(x.dtype).expand(B, -1, -1)  # (B, n_ctx_vision, Dv)
+            if 1 <= i <= len(deep_prompts):  # deep prompts get no positional embedding
+                p = deep_prompts[i - 1].to(x.dtype).expand(B, -1, -1)  # (B, n_ctx_vision, Dv)
                 x = torch.cat([x[:, :-p.shape[1]], p], dim=1)  # (B, N, Dv)
             x = block(x)
         return visual.head(x)  # (B, Dj), ln_post on the class token, then proj
@@ -278,16 +287,20 @@ class IVLP(nn.Module):
         """Normalised class features (n_cls, Dj): compute once to evaluate many batches."""
         if not self.prompt_learner.text_depth:  # deep vision prompting: nothing learned here
             return F.normalize(self.fixed_text_features, dim=-1)  # (n_cls, Dj)
-        prompts, deep_prompts, _ = self.prompt_learner()
-        return F.normalize(self.encode_text(prompts, deep_prompts), dim=-1)  # (n_cls, Dj)
+        pl = self.prompt_learner
+        g = self.encode_text(pl.text_prompts(), list(pl.compound_prompts_text))  # (n_cls, Dj)
+        return F.normalize(g, dim=-1)
 
     def forward(self, images, text_features=None):
         """images (B, 3, H, W) -> logits (B, n_cls). Pass text_features from text_features()
-        at evaluation to skip the text branch (the vision prompts do not depend on it)."""
-        if text_features is None:
-            text_features = self.text_features()  # (n_cls, Dj)
-        vision_prompts = self.prompt_learner.vision_prompts()  # J~ x (n_ctx_vision, Dv), free
-        image_features = F.normalize(self.encode_image(images, vision_prompts), dim=-1)  # (B, Dj)
+        at evaluation to skip the text branch."""
+        prompts, deep_text, vision, deep_vision = self.prompt_learner()  # built once (free)
+        if text_features is None and not self.prompt_learner.text_depth:  # VPT: fixed features
+            text_features = F.normalize(self.fixed_text_features, dim=-1)  # (n_cls, Dj)
+        elif text_features is None:
+            text_features = F.normalize(self.encode_text(prompts, deep_text), dim=-1)  # (n_cls, Dj)
+        image_features = F.normalize(self.encode_image(images, vision, deep_vision),
+                                     dim=-1)  # (B, Dj)
         logit_scale = self.clip_model.logit_scale.exp()  # 1/tau, frozen
         return logit_scale * image_features @ text_features.t()  # (B, n_cls)
 
@@ -299,9 +312,9 @@ if __name__ == "__main__":  # self-check on a tiny random CLIP: no weights, no d
                      transformer_width=64, transformer_heads=1, transformer_layers=2)
     model = IVLP(tiny.eval(), ["cat", "dog", "sea_lion", "fox", "golden retriever"],
                  text_depth=2, vision_depth=2)  # the tiny CLIP has 2 layers per tower
-    prompts, deep_text, vision = model.prompt_learner()
+    prompts, deep_text, vision, deep_vision = model.prompt_learner()
     print("text prompts", tuple(prompts.shape), "deep text", [tuple(p.shape) for p in deep_text],
-          "vision prompts", [tuple(p.shape) for p in vision])
+          "vision prompts", [tuple(p.shape) for p in [vision, *deep_vision]])
     logits = model(torch.randn(2, 3, 32, 32))  # (B, n_cls)
     logits.logsumexp(-1).sum().backward()  # gradients reach both branches' prompts
     print("logits", tuple(logits.shape))

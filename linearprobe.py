@@ -11,7 +11,8 @@ that prompt learning is built to avoid:
 - it is a closed-set classifier: there is one w_k per training class and nothing
   to score a class it never saw, so base -> new (the new classes, 未见类别) is impossible by
   construction. CoOp keeps the text encoder as the generator of the classifier, so any class
-  name gets a weight (notes: "什么是上下文").
+  name gets a weight (notes: "什么是上下文"), except with class-specific context (csc), which
+  holds one context per training class and is tied to those classes like the probe.
 
     p(y = k | x) = softmax_k(w_k · f(x) + b_k),   f(x) = the L2-normalised image feature
     min_{W,b}  (1/n) Σ_i CE(W f(x_i) + b, y_i) + ‖W‖² / (2 C n)
@@ -27,7 +28,6 @@ Shape legend: n feature rows, B images, n_cls classes, E joint embedding dim.
 Run: python train.py --method linearprobe     (all classes: the fewshot protocol by default)
 """
 import math
-import time
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import clip
 
 DEFAULTS = dict(
-    protocol="fewshot",  # closed-set: the all-class protocol (see class_specific)
+    protocol="fewshot",  # closed-set: the all-class protocol (see per_class)
     normalize=True,  # L2-normalise the features (as every method here; see NOTE in features())
     c_grid=(1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6),  # CoOp:lpclip/linear_probe.py search_list
     search_steps=8,  # lpclip/linear_probe.py --num_step 8 (bisection steps)
@@ -127,8 +127,7 @@ class LinearProbe(nn.Module):
 
     # One weight vector per training class: a closed-set classifier that cannot score other
     # classes (train.py refuses base -> new and another dataset's classes for it).
-    class_specific = "a linear probe holds one weight vector per training class and cannot " \
-        "score other classes; prompt methods (coop, cocoop, maple) can"
+    per_class = True
 
     def train(self, mode=True):
         super().train(mode)
@@ -148,13 +147,9 @@ class LinearProbe(nn.Module):
         transforms: lpclip extracts every split without augmentation. Under DDP (torchrun),
         each process reads every world-th image: the features are gathered back into the
         one-process order, so that every process fits the same head."""
-        device, out, t0 = self.head.weight.device, [], time.time()
-        for i, (images, labels) in enumerate(loader):
-            out.append((self.features(images.to(device)).cpu(), labels))  # (B, E), (B,)
-            if (i + 1) % 20 == 0 or i + 1 == len(loader):  # progress, as Dassl prints it
-                done = sum(len(y) for _, y in out)
-                print(f"features [{i + 1}/{len(loader)}] images {done} "
-                      f"({done / max(time.time() - t0, 1e-9):.1f}/s, this process)")
+        device = self.head.weight.device
+        out = [(self.features(images.to(device)).cpu(), labels)  # (B, E), (B,)
+               for images, labels in loader]
         x, y = torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])  # (n, E), (n,)
         if dist.is_available() and dist.is_initialized():
             parts = [None] * dist.get_world_size()

@@ -37,6 +37,11 @@ Symbol -> code:
     V_1..V_K, x <-> MaPLe.encode_image (a loop over clip_model.visual.transformer.resblocks)
     K <-> len(resblocks)        tau <-> 1 / clip_model.logit_scale.exp()
 
+Context rule (the same in every prompt learner here): ctx_init, when given, initialises the
+context: its first n_ctx tokens become the learned vectors and any further words stay fixed in
+the prompt ("a photo" learned, "of a" fixed for n_ctx = 2); n_ctx larger than ctx_init's token count
+is an error; ctx_init "" gives n_ctx random vectors.
+
 Shape legend: B images, n_cls classes, n_ctx learned tokens per layer (M), L prompt positions
 kept (up to the longest prompt's EOT, <= 77), N vision tokens (1 + patches, + n_ctx with
 prompts), D text width (512 for ViT-B/16), Dv vision width (768), Dj joint embedding dim
@@ -161,9 +166,11 @@ class MultiModalPromptLearner(nn.Module):
         return [self.proj(self.ctx)] + deep  # P~_0 = F_0(P_0), then P~_1.., coupled
 
     def forward(self):
-        """-> text prompts (n_cls, L, D), deep text prompts J-1 x (n_ctx, D),
-        vision prompts J x (n_ctx, Dv)."""
-        return self.text_prompts(), list(self.compound_prompts_text), self.vision_prompts()
+        """All prompts, built once: text prompts (n_cls, L, D) with P_0 in place, the deep text
+        prompts [P_1..P_{J-1}], P~_0 (n_ctx, Dv) and the deep vision prompts [P~_1..P~_{J-1}].
+        Block i (1..J-1) of each tower gets entry i-1 of its deep list."""
+        vision = self.vision_prompts()  # coupled: P~_k = F_k(P_k)
+        return self.text_prompts(), list(self.compound_prompts_text), vision[0], vision[1:]
 
 
 class MaPLe(nn.Module):
@@ -185,6 +192,7 @@ class MaPLe(nn.Module):
         self.clip_model = clip_model.requires_grad_(False).eval()  # frozen, never fine-tuned
         self.prompt_learner = MultiModalPromptLearner(clip_model, classnames, n_ctx, ctx_init,
                                                       prompt_depth)
+        self.per_class = False  # the prompts and coupling layers fit any classes
 
     def train(self, mode=True):
         super().train(mode)  # the frozen CLIP always stays in eval mode
@@ -204,35 +212,38 @@ class MaPLe(nn.Module):
             x = block(x)
         return m.pool_text(x, tokens.argmax(dim=-1))  # (n_cls, Dj), read at EOT
 
-    def encode_image(self, images, vision_prompts=()):
-        """Image branch. vision_prompts: P~_0..P~_{J-1}, each (n_ctx, Dv); P~_0 is appended after
-        the patches, P~_i replaces the last n_ctx tokens at block i. Empty: CLIP's encode_image."""
+    def encode_image(self, images, prompt=None, deep_prompts=()):
+        """Image branch. prompt: P~_0 (n_ctx, Dv), appended after the patches; deep_prompts:
+        P~_1.., each (n_ctx, Dv), replacing the last n_ctx tokens at blocks 1, 2, ...
+        No prompts: CLIP's encode_image."""
         visual = self.clip_model.visual
         x = visual.embed(images)  # (B, 1+P, Dv), class token + patches + positional embedding
         B = x.shape[0]
-        if vision_prompts:  # appended after the positional embedding, before ln_pre
-            p = vision_prompts[0].to(x.dtype).expand(B, -1, -1)  # (B, n_ctx, Dv)
+        if prompt is not None:  # appended after the positional embedding, before ln_pre
+            p = prompt.to(x.dtype).expand(B, -1, -1)  # (B, n_ctx, Dv)
             x = torch.cat([x, p], dim=1)  # (B, N, Dv) with N = 1+P+n_ctx
         x = visual.ln_pre(x)
         for i, block in enumerate(visual.transformer.resblocks):
-            if 1 <= i < len(vision_prompts):
-                p = vision_prompts[i].to(x.dtype).expand(B, -1, -1)  # (B, n_ctx, Dv)
+            if 1 <= i <= len(deep_prompts):  # deep prompts get no positional embedding
+                p = deep_prompts[i - 1].to(x.dtype).expand(B, -1, -1)  # (B, n_ctx, Dv)
                 x = torch.cat([x[:, :-p.shape[1]], p], dim=1)  # (B, N, Dv)
             x = block(x)
         return visual.head(x)  # (B, Dj), ln_post on the class token, then proj
 
     def text_features(self):
         """Normalised class features (n_cls, Dj): compute once to evaluate many batches."""
-        prompts, deep_prompts, _ = self.prompt_learner()
-        return F.normalize(self.encode_text(prompts, deep_prompts), dim=-1)  # (n_cls, Dj)
+        pl = self.prompt_learner
+        g = self.encode_text(pl.text_prompts(), list(pl.compound_prompts_text))  # (n_cls, Dj)
+        return F.normalize(g, dim=-1)
 
     def forward(self, images, text_features=None):
         """images (B, 3, H, W) -> logits (B, n_cls). Pass text_features from text_features()
-        at evaluation to skip the text branch (the vision prompts still depend on P_i)."""
+        at evaluation to skip the text branch."""
+        prompts, deep_text, vision, deep_vision = self.prompt_learner()  # built once (coupled)
         if text_features is None:
-            text_features = self.text_features()  # (n_cls, Dj)
-        vision_prompts = self.prompt_learner.vision_prompts()  # J x (n_ctx, Dv), coupled
-        image_features = F.normalize(self.encode_image(images, vision_prompts), dim=-1)  # (B, Dj)
+            text_features = F.normalize(self.encode_text(prompts, deep_text), dim=-1)  # (n_cls, Dj)
+        image_features = F.normalize(self.encode_image(images, vision, deep_vision),
+                                     dim=-1)  # (B, Dj)
         logit_scale = self.clip_model.logit_scale.exp()  # 1/tau, frozen
         return logit_scale * image_features @ text_features.t()  # (B, n_cls)
 
@@ -244,9 +255,9 @@ if __name__ == "__main__":  # self-check on a tiny random CLIP: no weights, no d
                      transformer_width=64, transformer_heads=1, transformer_layers=2)
     model = MaPLe(tiny.eval(), ["cat", "dog", "sea_lion", "fox", "golden retriever"],
                   prompt_depth=2)  # the tiny CLIP has 2 layers per tower
-    prompts, deep_text, vision = model.prompt_learner()
+    prompts, deep_text, vision, deep_vision = model.prompt_learner()
     print("text prompts", tuple(prompts.shape), "deep text", [tuple(p.shape) for p in deep_text],
-          "vision prompts", [tuple(p.shape) for p in vision])
+          "vision prompts", [tuple(p.shape) for p in [vision, *deep_vision]])
     logits = model(torch.randn(2, 3, 32, 32))  # (B, n_cls)
     logits.logsumexp(-1).sum().backward()  # gradients reach both branches' prompts
     print("logits", tuple(logits.shape))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import clip
 
-PHOTO = "a photo of a {}."  # CLIP's and CoOp's default template (datasets have their own)
+PHOTO = clip.PHOTO  # "a photo of a {}.": CLIP's and CoOp's default (datasets have their own)
 # CoOp:trainers/zsclip.py IMAGENET_TEMPLATES_SELECT: 7 of CLIP's 80 ImageNet templates, the
 # ensemble of `ensemble=True` (CoOp's ZeroshotCLIP2 adds the dataset's own template, except for
 # ImageNet).
@@ -52,9 +52,9 @@ class ZeroShot(nn.Module):
         if not templates:
             raise ValueError("no template: pass a template, or ensemble=True")
         for t in templates:
-            if "{}" not in t:
-                raise ValueError(f"template {t!r} needs a {{}} for the class name")
+            clip.check_template(t)  # one {} for the class name
         self.clip_model = clip_model.requires_grad_(False)
+        self.per_class = False  # nothing learned
         names = [c.replace("_", " ") for c in classnames]
         try:
             tokens = [clip.tokenize([t.format(c) for c in names], clip_model.context_length)

@@ -148,10 +148,10 @@ def _resolve(name, download_root):
     if os.path.isfile(name):
         return name
     if name.endswith((".pt", ".pth", ".bin")) or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"checkpoint file not found: {name} (or pass one of the model "
-                                f"names {available_models()})")
-    raise ValueError(f"unknown model {name!r}; available models are {available_models()}, "
-                     "or pass the path of a checkpoint file")
+        raise CheckpointError(f"checkpoint file not found: {name} (or pass one of the model "
+                              f"names {available_models()})")
+    raise CheckpointError(f"unknown model {name!r}; available models are {available_models()}, "
+                          "or pass the path of a checkpoint file")
 
 
 def load(name, device=None, download_root=None, fp16=False, jit=False):

@@ -19,7 +19,8 @@ How CLIP differs from GPT-2's BPE (same byte-level idea, different details):
   - each digit is its own piece ("2012" -> 2, 0, 1, 2);
   - every text is wrapped in <|startoftext|> (SOT, 49406) and <|endoftext|> (EOT, 49407).
 
-Public API: tokenize, encode, decode, token_strings, SOT_TOKEN, EOT_TOKEN.
+Public API: tokenize, encode, decode, token_strings, SOT_TOKEN, EOT_TOKEN; and for prompt
+templates ("a photo of a {}.") PHOTO and check_template.
 Shape legend: N = texts, L = context_length (77).
 """
 import gzip
@@ -168,6 +169,19 @@ def decode(ids):
     symbols = "".join(bpe.vocab[i] for i in ids)
     text = bytes(bpe.byte_decoder[c] for c in symbols).decode("utf-8", errors="replace")
     return text.replace("</w>", " ").removesuffix(" ")
+
+
+PHOTO = "a photo of a {}."  # CLIP's and CoOp's default prompt template
+
+
+def check_template(template):
+    """A prompt template holds exactly one "{}", where the class name goes, and no other braces
+    (str.format would read them as fields). -> template; ValueError saying what is wrong."""
+    rest = template.replace("{}", "", 1) if isinstance(template, str) else "{"
+    if not isinstance(template, str) or "{}" not in template or "{" in rest or "}" in rest:
+        raise ValueError(f"template {template!r} must hold exactly one {{}}, where the class "
+                         "name goes, and no other braces (e.g. 'a photo of a {}.')")
+    return template
 
 
 def token_strings():

@@ -10,6 +10,13 @@ from PIL import Image
 import clip
 
 
+def resolve(*argv):
+    """train.py's resolved configuration for a command line (config.resolve)."""
+    import config  # noqa: PLC0415 - here, so a test file that needs no train.py loads none of it
+    import train  # noqa: PLC0415
+    return config.resolve(train.parser.parse_args(list(argv)), train.METHODS)
+
+
 def make_tiny_clip(seed=0, **overrides):
     """A tiny random CLIP (seeded): ViT 32x32 px, patch 8, text width 64, embed dim 32.
     Keyword arguments override clip.CLIP's (e.g. vision_width=128 to make D != Dv)."""
@@ -75,7 +82,7 @@ def run_recorded(model, clip_model, images):
     outs, out_handles = record_blocks(clip_model, pre=False)
     with torch.no_grad():
         model(images)
-        vis = model.prompt_learner.vision_prompts()
+        vis = model.prompt_learner.vision_prompts()  # [P~_0, .., P~_{J-1}]
         x0 = clip_model.visual.embed(images)
     for h in handles + out_handles:
         h.remove()

@@ -10,6 +10,7 @@ import torch
 
 import runs
 import train
+from runs import UsageError
 from conftest import folder_dataset, make_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,7 @@ def args(world, out, *extra, data="data"):
             "--out", str(world["tmp"] / out), *extra]
 
 
-def refused(world, out, *extra, match, error=ValueError, data="data"):
+def refused(world, out, *extra, match, error=UsageError, data="data"):
     """train.main refuses with `error` matching `match`, before any training: no checkpoint."""
     with pytest.raises(error, match=match):
         train.main(args(world, out, *extra, data=data))
@@ -56,16 +57,21 @@ def test_values_outside_their_meaning_are_usage_errors(world, capsys, extra, mes
     assert not os.path.exists(world["tmp"] / "values")
 
 
-def test_n_ctx_that_ctx_init_would_override_is_refused(world):
-    # CoOp under base2new starts from "a photo of a" (4 tokens): an explicit --n-ctx 8 would be
-    # silently replaced; the message says how to get what the user asked for
-    refused(world, "nctx", "--method", "coop", "--n-ctx", "8",
-            match=r"--n-ctx 8, but --ctx-init 'a photo of a' sets the context length \(4 "
-                  r"tokens\): pass --ctx-init '' for 8 random")
-    refused(world, "nctx", "--method", "cocoop", "--n-ctx", "2", match="--ctx-init ''")
+def test_context_rule_n_ctx_against_ctx_init(world):
+    # CoOp under base2new starts from "a photo of a" (4 tokens): 8 context tokens cannot come
+    # from it; the message says how to get what the user asked for
+    for method in ("coop", "cocoop"):
+        refused(world, f"nctx_{method}", "--method", method, "--n-ctx", "8",
+                match=r"n_ctx=8 is more than the 4 tokens of ctx_init='a photo of a': pass "
+                      r"n_ctx <= 4, or ctx_init='' for 8 random context vectors "
+                      r"\(--n-ctx, --ctx-init\)")
     res = train.main(args(world, "nctx_ok", "--method", "coop", "--n-ctx", "8", "--ctx-init", "",
                           "--epochs", "1"))
     assert res["config"]["n_ctx"] == 8
+    # fewer tokens than ctx_init: the first n_ctx are learned, "of a" stays fixed words
+    res = train.main(args(world, "nctx_2", "--method", "coop", "--n-ctx", "2", "--epochs", "1"))
+    learned = torch.load(world["tmp"] / "nctx_2" / "learned.pt", weights_only=True)["learned"]
+    assert learned["prompt_learner.ctx"].shape[0] == 2
 
 
 @pytest.mark.parametrize("data, message", [
@@ -94,12 +100,12 @@ def test_output_folder_that_cannot_be_written(world, tmp_path):
     a_file.write_text("not a folder")
     for out, message in ((a_file, "is a file"), (a_file / "below", "cannot write there"),
                          ("/proc/no_such_run", "cannot write there")):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(UsageError, match=message):
             train.main([*args(world, "x")[:-1], str(out)])
 
 
 def test_unknown_device(world):
-    with pytest.raises(ValueError, match="--device tpu: not a device torch knows"):
+    with pytest.raises(UsageError, match="--device tpu: torch finds 0 GPU.* use cpu$"):
         train.main(args(world, "device", "--device", "tpu"))
 
 
@@ -124,8 +130,8 @@ def test_same_command_twice_refuses_and_overwrite_replaces(world):
     first = train.main(args(world, "twice", *common))
     results = world["tmp"] / "twice" / "results.json"
     before = results.read_text()
-    with pytest.raises(ValueError, match=r"holds a finished run \(results.json\). Pass "
-                                         "--overwrite to replace it, or another --out"):
+    with pytest.raises(UsageError, match=r"holds a finished run: pass --overwrite to replace "
+                                         "it, or another --out"):
         train.main(args(world, "twice", *common))
     assert results.read_text() == before  # untouched, log included
     assert "finished" not in (world["tmp"] / "twice" / "log.txt").read_text()
@@ -148,14 +154,14 @@ def test_resume_guards_its_run(world):
                             (dict(batch_size="4"), "batch_size 2 there, 4 now"),
                             (dict(seed="3"), "seed 1 there, 3 now"),
                             (dict(epochs="5"), "epochs 3 there, 5 now")):
-        with pytest.raises(ValueError, match=rf"--resume: .* was written with other settings "
+        with pytest.raises(UsageError, match=rf"--resume: .* was written with other settings "
                                              rf"\(.*{message}.*\)"):
             run("--resume", **change)
     assert (world["tmp"] / "guarded" / "checkpoint.pt").read_bytes() == ckpt  # nothing lost
-    with pytest.raises(ValueError, match=r"holds an interrupted run .*epoch 1\): pass --resume"):
+    with pytest.raises(UsageError, match=r"holds an interrupted run: pass --resume to continue"):
         run()  # a fresh start would discard epoch 1
     assert run("--resume")["accuracy"]
-    with pytest.raises(ValueError, match="holds a finished run .*: nothing to resume"):
+    with pytest.raises(UsageError, match="holds a finished run: nothing to resume"):
         run("--resume")
 
 

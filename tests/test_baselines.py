@@ -185,10 +185,10 @@ def test_linear_probe_model_fits_from_loaders_and_scores_images():
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_linear_probe_says_it_is_class_specific():
+def test_linear_probe_says_it_is_per_class():
     """train.py refuses it wherever it would meet other classes (tests/test_transfer.py)."""
     probe = linearprobe.LinearProbe(tiny_clip(), ["a", "b", "c", "d"])
-    assert "one weight vector per training class" in probe.class_specific
+    assert probe.per_class is True
     assert linearprobe.DEFAULTS["protocol"] == "fewshot"
     with pytest.raises(ValueError, match="needs training and validation images"):
         linearprobe.fit(*clusters(2), torch.zeros(0, 32), torch.zeros(0), 4)

@@ -71,12 +71,18 @@ def test_shapes_and_context_init(clip_model, images):
     assert model(images).shape == (2, len(CLASSNAMES))
 
 
-def test_random_init_and_n_ctx_override(clip_model):
+def test_random_init_and_the_context_rule(clip_model):
     random_ctx = cocoop.CoCoOp(clip_model, CLASSNAMES, n_ctx=8, ctx_init="")
     assert random_ctx.prompt_learner.ctx.shape == (8, 64)
-    with pytest.warns(UserWarning, match="number of tokens"):
-        words = cocoop.CoCoOp(clip_model, CLASSNAMES, n_ctx=16, ctx_init="a_photo_of_a")
-    assert words.prompt_learner.ctx.shape == (4, 64)
+    with pytest.raises(ValueError, match="n_ctx=16 is more than the 4 tokens of ctx_init"):
+        cocoop.CoCoOp(clip_model, CLASSNAMES, n_ctx=16, ctx_init="a_photo_of_a")
+    # n_ctx 2: "a photo" learned, "of a" fixed words before the class name
+    two = cocoop.CoCoOp(clip_model, CLASSNAMES, n_ctx=2, ctx_init="a photo of a").prompt_learner
+    four = cocoop.CoCoOp(clip_model, CLASSNAMES, n_ctx=4, ctx_init="a photo of a").prompt_learner
+    assert two.ctx.shape == (2, 64)
+    torch.testing.assert_close(two.ctx, four.ctx[:2])
+    torch.testing.assert_close(two.token_suffix[:, :2], four.ctx[2:].expand(len(CLASSNAMES), -1,
+                                                                         -1))
 
 
 def test_zero_meta_net_equals_coop(clip_model, images):
@@ -101,7 +107,7 @@ def test_zero_meta_net_equals_coop(clip_model, images):
 
 def test_zero_meta_net_equals_coop_py(clip_model, images):
     model = cocoop.CoCoOp(clip_model, CLASSNAMES)
-    reference = coop.CoOp(clip_model, CLASSNAMES, ctx_init="a photo of a")
+    reference = coop.CoOp(clip_model, CLASSNAMES, n_ctx=4, ctx_init="a photo of a")
     with torch.no_grad():
         model.prompt_learner.meta_net.linear2.weight.zero_()
         model.prompt_learner.meta_net.linear2.bias.zero_()

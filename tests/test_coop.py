@@ -37,7 +37,7 @@ def zero_shot_logits(clip_model, images, template):
 
 
 def test_init_from_words_gives_zero_shot_logits(model, images):
-    coop_model = coop.CoOp(model, NAMES, n_ctx=16, ctx_init="a photo of a")
+    coop_model = coop.CoOp(model, NAMES, n_ctx=4, ctx_init="a photo of a")
     assert coop_model.prompt_learner.ctx.shape == (4, 64)  # n_ctx = the 4 init words
     with torch.no_grad():
         logits = coop_model(images)
@@ -77,11 +77,12 @@ def test_class_specific_context_shapes(model, images):
     coop_model = coop.CoOp(model, NAMES, n_ctx=8, csc=True)
     learner = coop_model.prompt_learner
     assert learner.ctx.shape == (len(NAMES), 8, 64)  # (n_cls, n_ctx, D)
-    assert learner().shape == (len(NAMES), 77, 64)  # (n_cls, L, D)
+    L = learner.tokenized_prompts.shape[1]  # up to the longest prompt's EOT
+    assert learner().shape == (len(NAMES), L, 64) and L < 77  # (n_cls, L, D)
     assert not torch.equal(learner.ctx[0], learner.ctx[1])  # one context per class
     assert coop_model(images).shape == (3, len(NAMES))
     with pytest.warns(UserWarning, match="csc is ignored"):
-        init = coop.CoOp(model, NAMES, csc=True, ctx_init="a photo of a")
+        init = coop.CoOp(model, NAMES, n_ctx=4, csc=True, ctx_init="a photo of a")
     assert init.prompt_learner.ctx.shape == (4, 64)  # unified, as the official code
 
 
@@ -137,7 +138,7 @@ def test_trainable_parameters_at_vit_b16_text_width():
     clip_model = tiny_clip(width=512, heads=8, layers=1)
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
     assert count(coop.CoOp(clip_model, NAMES, n_ctx=16)) == 8192
-    assert count(coop.CoOp(clip_model, NAMES, ctx_init="a photo of a")) == 2048
+    assert count(coop.CoOp(clip_model, NAMES, n_ctx=4, ctx_init="a photo of a")) == 2048
     assert count(coop.CoOp(clip_model, NAMES, n_ctx=16, csc=True)) == len(NAMES) * 8192
 
 
@@ -159,7 +160,7 @@ def test_self_check_runs(capsys):
 def test_forward_runs_the_prompt_learner(model, images, monkeypatch):
     """The paper's prompt t_i = [SOS] [V]_1 .. [V]_M [CLASS]_i is built by
     PromptLearner.forward on the default path (not bypassed by a shortcut)."""
-    coop_model = coop.CoOp(model, NAMES, ctx_init="a photo of a")
+    coop_model = coop.CoOp(model, NAMES, n_ctx=4, ctx_init="a photo of a")
     calls = []
     forward = coop.PromptLearner.forward
     monkeypatch.setattr(coop.PromptLearner, "forward",

@@ -361,10 +361,15 @@ def test_fewer_images_than_a_batch_still_train(tmp_path):
 
 def test_train_loader_drops_last_and_is_seeded(tmp_path):
     xs = items(tmp_path, 10)
-    order = [torch.cat([y for _, y in data.make_loader(xs, 8, 4, True,
-                                                       seed=s)]) for s in (0, 0, 1)]
+
+    def epoch(seed, e):  # the images of one training epoch
+        loader = data.make_loader(xs, 8, 4, True)
+        loader.set_epoch(seed, e)
+        return torch.cat([x for x, _ in loader])
+    order = [epoch(s, e) for s, e in ((0, 0), (0, 0), (1, 0), (0, 1))]
     assert len(order[0]) == 8  # two full batches of 4, the last 2 dropped
-    assert torch.equal(order[0], order[1])
+    assert torch.equal(order[0], order[1])  # the same (seed, epoch): the same order and crops
+    assert not torch.equal(order[0], order[2]) and not torch.equal(order[0], order[3])
     test_labels = torch.cat([y for _, y in data.make_loader(xs, 8, 4, False)])
     assert test_labels.tolist() == [i % 3 for i in range(10)]  # eval: all, in order
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import train
+from conftest import resolve
+from runs import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,11 +58,10 @@ def test_two_processes_give_the_one_process_run(toy_root, tmp_path, method, extr
 def test_batch_that_the_processes_do_not_divide(monkeypatch):
     """Refused while resolving the configuration, on every rank, before any work."""
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for 2 processes
-    with pytest.raises(ValueError, match=r"--batch-size 1 is the global batch, split over 2 "
+    with pytest.raises(UsageError, match=r"--batch-size 1 is the global batch, split over 2 "
                                          r"processes: pass a multiple of 2"):
-        train.resolve_config(train.parser.parse_args(["--method", "cocoop"]))
-    cfg = train.resolve_config(train.parser.parse_args(["--method", "cocoop",
-                                                        "--batch-size", "2"]))
+        resolve("--method", "cocoop")
+    cfg = resolve("--method", "cocoop", "--batch-size", "2")
     assert cfg["world_size"] == 2
 
 
@@ -71,7 +72,7 @@ def test_a_failing_rank_stops_every_rank(toy_root, tmp_path):
         f"sys.path.insert(0, {ROOT!r})\n"
         "import runs, train\n"
         "if os.environ['RANK'] == '1':  # rank 1 fails at its first evaluation\n"
-        "    train.evaluate = lambda *a: (_ for _ in ()).throw(ValueError('rank 1 broke'))\n"
+        "    train.evaluate = lambda *a: (_ for _ in ()).throw(runs.UsageError('rank 1 broke'))\n"
         "runs.run_cli(train.main)\n")
     run = torchrun("--method", "coop", "--root", toy_root, "--epochs", "1", "--device", "cpu",
                    "--out", str(tmp_path / "fail"), script=str(script), timeout=180)

@@ -18,7 +18,7 @@ import cocoop
 import coop
 import maple
 import train
-from conftest import make_tiny_clip
+from conftest import make_tiny_clip, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Prompts of different lengths (1 to 5 class-name tokens), so EOT positions differ per class.
@@ -63,7 +63,8 @@ def test_reference_text_encoder_is_clips_own(clip_model):
             **TOL)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(csc=True), dict(ctx_init="a photo of a"),
+@pytest.mark.parametrize("options", [dict(), dict(csc=True),
+                                     dict(n_ctx=4, ctx_init="a photo of a"),
                                      dict(class_token_position="middle"),
                                      dict(class_token_position="front")])
 def test_coop_step_equals_reference(clip_model, batch, options):
@@ -152,10 +153,15 @@ def test_checkpointing_gives_the_same_gradients_and_saves_less(clip_model, batch
         assert ckpt_bytes < plain_bytes / 4
 
 
-def test_train_py_checkpointing_flag():
-    cfg = train.resolve_config(train.parser.parse_args(["--checkpointing"]))
-    assert cfg["checkpointing"] is True
-    assert train.resolve_config(train.parser.parse_args([]))["checkpointing"] is False
+def test_train_py_checkpointing_reaches_the_blocks(toy_root, tmp_path, monkeypatch):
+    calls, real = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = ["--root", toy_root, "--epochs", "1", "--shots", "1", "--device", "cpu"]
+    train.main([*common, "--out", str(tmp_path / "off")])
+    assert calls == [] and resolve()["checkpointing"] is False
+    train.main([*common, "--checkpointing", "--out", str(tmp_path / "on")])
+    assert len(calls) == 4  # the toy's 4 text blocks, in the one training step
 
 
 def test_bench_quick_prints_the_table():

@@ -96,19 +96,24 @@ def test_without_the_coupling_it_is_maple(clip_model, images):
         assert torch.equal(iv(images), mp(images))
 
 
+def split(vision):
+    """[P~_0, P~_1, ..] -> (P~_0, [P~_1, ..]): encode_image's arguments."""
+    return vision[0], vision[1:]
+
+
 def test_vision_prompts_do_not_depend_on_the_text_prompts(clip_model, images):
     """MaPLe's image features move with every P_k; IVLP's only with its own P~_k."""
     model = ivlp.IVLP(clip_model, CLASSNAMES, **variant("ivlp"))
     pl = model.prompt_learner
     with torch.no_grad():
-        before = model.encode_image(images, pl.vision_prompts())
+        before = model.encode_image(images, *split(pl.vision_prompts()))
         pl.ctx.add_(0.5)
         for p in pl.compound_prompts_text:
             p.add_(0.5)
-        assert torch.equal(model.encode_image(images, pl.vision_prompts()), before)
+        assert torch.equal(model.encode_image(images, *split(pl.vision_prompts())), before)
         pl.compound_prompts_vision[0].add_(0.5)
-        assert not torch.allclose(model.encode_image(images, pl.vision_prompts()), before)
-    model.encode_image(images, pl.vision_prompts()).sum().backward()  # the image side only
+        assert not torch.allclose(model.encode_image(images, *split(pl.vision_prompts())), before)
+    model.encode_image(images, *split(pl.vision_prompts())).sum().backward()  # the image side only
     assert pl.ctx.grad is None and all(p.grad is None for p in pl.compound_prompts_text)
     assert all(p.grad.abs().sum() > 0 for p in pl.vision_prompts())
 

@@ -63,7 +63,7 @@ def test_context_init_keeps_the_other_words_fixed(clip_model):
 def test_no_vision_prompts_is_clip_image_encoder(clip_model, images):
     model = maple.MaPLe(clip_model, CLASSNAMES, prompt_depth=DEPTH)
     with torch.no_grad():
-        assert torch.equal(model.encode_image(images, []), clip_model.encode_image(images))
+        assert torch.equal(model.encode_image(images), clip_model.encode_image(images))
 
 
 def test_depth_1_text_branch_is_coop(clip_model):

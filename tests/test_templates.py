@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from runs import UsageError
 from conftest import folder_dataset, make_tiny_clip
 from tools import templates
 
@@ -53,13 +54,20 @@ def test_default_templates_are_the_notes_five(world):
 def test_bad_template_files(world):
     path = world["tmp"] / "bad.txt"
     path.write_text("a photo of a {}.\na photo of a cat.\n")
-    with pytest.raises(ValueError, match=r"line 2: 'a photo of a cat.' has no \{\}"):
+    with pytest.raises(UsageError, match=r"line 2: template 'a photo of a cat.' must hold exactly "
+                                         r"one \{\}"):
         run(world, "--templates", str(path))
     path.write_text("# only a comment\n\n")
-    with pytest.raises(ValueError, match="no template in the file"):
+    with pytest.raises(UsageError, match="no template in the file"):
         run(world, "--templates", str(path))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="missing.txt: cannot read it as text"):
         run(world, "--templates", str(world["tmp"] / "missing.txt"))
+    path.write_bytes(b"\xff\xfe a {} \x00")
+    with pytest.raises(UsageError, match="cannot read it as text"):
+        run(world, "--templates", str(path))
+    path.write_text("a {} in {place}.\n")
+    with pytest.raises(UsageError, match="line 1: template .* no other braces"):
+        run(world, "--templates", str(path))
 
 
 def test_command_line_error_without_traceback(world):

@@ -53,7 +53,8 @@ def test_predict_gives_the_evaluation_predictions(world, capsys):
     # a direct forward of the model evaluation builds, over the same images
     saved = torch.load(tmp / "fewshot" / "learned.pt", weights_only=True)
     cfg = saved["config"]
-    model = train.build_model(cfg, clip.load(world["ckpt"], "cpu")[0], ds, saved["learned"])
+    model = train.build_model(cfg, clip.load(world["ckpt"], "cpu")[0], ds)
+    runs.load_learned(model, saved["learned"], "learned.pt")
     images = torch.stack([data.test_transform(32)(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         want = model.eval()(images).argmax(dim=-1).tolist()  # (N,)
@@ -106,22 +107,21 @@ def test_predict_bad_inputs_get_clear_errors(world, tmp_path):
              ([str(tmp_path / "*.jpg")], "no file matches"),
              ([img, "--method", "maple"], "holds coop prompts"),
              ([img, "--backbone", "ViT-B/16"], "trained with backbone"),
-             ([img, "--backbone", str(tmp_path / "moved" / "tiny.pt")], "do not fit a coop"),
+             ([img, "--backbone", str(tmp_path / "moved" / "tiny.pt")], "trained with backbone"),
              ([img, "--out", "preds.txt"], ".csv or .json")]
     for extra, message in cases:
         with pytest.raises(runs.USER_ERRORS, match=message):
             predict.main(["--load", run, "--device", "cpu", *extra])
-    for load, message in ((tmp_path / "random.pt", "not a prompt file"),
+    for load, message in ((tmp_path / "random.pt", "is not a file written by train.py"),
                           (tmp_path / "empty", "holds no learned.pt")):
-        with pytest.raises(ValueError if "prompt file" in message else FileNotFoundError,
-                           match=message):
+        with pytest.raises(runs.UsageError, match=message):
             predict.main(["--load", str(load), img])
     saved = torch.load(os.path.join(run, "learned.pt"), weights_only=True)
     torch.save({"learned": {"prompt_learner.ctx": torch.zeros(3, 16, 64)},
                 "config": dict(saved["config"], csc=True), "classnames": ["a", "b", "c"]},
                tmp_path / "csc.pt")
-    with pytest.raises(ValueError, match=r"class-specific context \(csc\) holds one context per "
-                                         r"training class.*learned for 3 classes \(a, b, c"):
+    with pytest.raises(runs.UsageError, match=r"--method coop --csc learns one tensor per "
+                                              r"training class.*learned 3 classes \(a, b, c"):
         predict.main(["--load", str(tmp_path / "csc.pt"), img])  # the run's 4 classes
     cmd = [sys.executable, "tools/predict.py", "--load", run, str(tmp_path / "empty")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -162,10 +162,10 @@ def test_interpret_reads_each_context_vector(world, tmp_path, capsys):
     assert "skipped: proj.weight" in capsys.readouterr().out
     torch.save({"learned": {"prompt_learner.vision_ctx": torch.randn(8, 128)},
                 "config": dict(cfg, method="vpt")}, tmp_path / "vpt.pt")
-    with pytest.raises(ValueError, match="this vpt run learned no text context"):
+    with pytest.raises(runs.UsageError, match="this vpt run learned no text context"):
         interpret.main([str(tmp_path / "vpt.pt")])
     torch.save(torch.randn(4, 64), tmp_path / "random.pt")
-    with pytest.raises(ValueError, match="is not a prompt file written by train.py"):
+    with pytest.raises(runs.UsageError, match="is not a file written by train.py"):
         interpret.main([str(tmp_path / "random.pt")])
 
 
@@ -231,7 +231,7 @@ def test_summarise_means_stds_and_h(tmp_path):
     b = [80.0, 82.0, 84.0]
     assert cells(ci, "dtd")[2] == f"82.00 ± {1.96 * statistics.pstdev(b) / 3 ** 0.5:.2f}"
     (tmp_path / "nothing").mkdir()
-    with pytest.raises(FileNotFoundError, match="no usable results.json below"):
+    with pytest.raises(runs.UsageError, match="no usable results.json below"):
         summarise.main([str(tmp_path / "nothing")])
 
 
@@ -263,7 +263,7 @@ def test_reproduce_dry_run_lists_the_commands(tmp_path, capsys):
                      f"{src}/eval_caltech101_crossdataset", "--workers", "8"]
     dg = reproduce.main(["--protocol", "domaingen", "--root", "/data", "--dry-run"])
     assert len(dg) == 3 * (1 + 4) and dg[1][6] == "imagenetv2"
-    with pytest.raises(ValueError, match="unknown datasets"):
+    with pytest.raises(runs.UsageError, match="unknown datasets"):
         reproduce.main(["--protocol", "fewshot", "--datasets", "mnist", "--dry-run"])
 
 

@@ -164,17 +164,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(world):
 
 @pytest.mark.parametrize("extra, error, message", [
     (["--root", "/no/such/folder"], "DataError", "/no/such/folder"),
-    (["--backbone", "/no/such/model.pt"], "FileNotFoundError", "checkpoint file not found"),
-    (["--method", "zeroshot", "--n-ctx", "4"], "ValueError", "--n-ctx is not an option"),
-    (["--method", "zeroshot", "--template", "a photo"], "ValueError", "needs a {}"),
-    (["--method", "cocoop", "--csc"], "ValueError", "--csc is not an option"),
-    (["--eval-only"], "ValueError", "--load DIR"),
-    (["--eval-only", "--load", "/no/such/run"], "FileNotFoundError", "no learned.pt"),
+    (["--backbone", "/no/such/model.pt"], "CheckpointError", "checkpoint file not found"),
+    (["--method", "zeroshot", "--n-ctx", "4"], "UsageError", "--n-ctx is not an option"),
+    (["--method", "cocoop", "--csc"], "UsageError", "--csc is not an option"),
+    (["--eval-only"], "UsageError", "--load DIR"),
+    (["--eval-only", "--load", "/no/such/run"], "UsageError", "holds no learned.pt"),
 ])
 def test_bad_input_gives_a_clear_error(world, extra, error, message):
+    out = f"bad_{'_'.join(extra).replace('/', '').replace('-', '')}"  # each case its own folder
     with pytest.raises(runs.USER_ERRORS) as info:
-        train.main(args(world, "bad", *extra))
+        train.main(args(world, out, *extra))
     assert type(info.value).__name__ == error and message in str(info.value)
+    assert not (world["tmp"] / out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("template", ["a photo", "a {} in {place}.", "a {} and a {}.", "{}}"])
+def test_templates_are_checked_where_they_are_parsed(world, template, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(args(world, "bad_template", "--method", "zeroshot", "--template", template))
+    assert info.value.code == 2
+    assert "must hold exactly one {}, where the class name goes" in capsys.readouterr().err
 
 
 def test_unknown_method_is_a_usage_error(world, capsys):

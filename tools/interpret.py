@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import clip  # noqa: E402
 import runs  # noqa: E402
+from runs import UsageError  # noqa: E402
 import train  # noqa: E402
 from clip.tokenizer import SOT_TOKEN, encode, token_strings  # noqa: E402
 from tools.predict import load_prompts  # noqa: E402
@@ -81,7 +82,7 @@ def vocabulary(args, cfg):
         return None, "all tokens"
     ids = sorted({i for w in words for i in encode(w)})
     if not ids:
-        raise ValueError(f"{args.words} holds no words")
+        raise UsageError(f"{args.words} holds no words")
     return torch.tensor(ids), why
 
 
@@ -127,7 +128,7 @@ def word(i):
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.topk < 1:
-        raise ValueError("--topk must be at least 1")
+        raise UsageError("--topk must be at least 1")
     state, cfg, path, _ = load_prompts(args.prompts)
     state = {k.removeprefix("prompt_learner."): v for k, v in state.items()}  # the learner's
     backbone = args.backbone or cfg["backbone"]
@@ -137,16 +138,16 @@ def main(argv=None):
         try:
             from tools.predict import run_classes  # noqa: PLC0415
             names = run_classes(cfg)
-        except ValueError:
+        except UsageError:
             names = None  # data not here: label by index
     groups = context_vectors(state, table.shape[1], names, args.max_classes)
     if not groups and not any(k == "ctx" or k.startswith("compound_prompts_text.")
                               for k in state):
-        raise ValueError(f"{path} holds no text context vectors (keys: {', '.join(state)}): "
+        raise UsageError(f"{path} holds no text context vectors (keys: {', '.join(state)}): "
                          f"this {cfg['method']} run learned no text context to read as words "
                          "(vision prompts are not token vectors)")
     if not groups:
-        raise ValueError(f"{path} holds no context vectors of width {table.shape[1]} (keys: "
+        raise UsageError(f"{path} holds no context vectors of width {table.shape[1]} (keys: "
                          f"{', '.join(state)}); is {backbone!r} the run's backbone?")
     ids, why = vocabulary(args, cfg)
     print(f"{cfg['method']} prompts {path}, backbone {backbone}\nnearest tokens by Euclidean "
@@ -157,7 +158,7 @@ def main(argv=None):
     show = [w.strip() for w in (args.show or "").split(",") if w.strip()]
     bad = [w for w in show if len(encode(w)) != 1]
     if bad:
-        raise ValueError(f"--show {', '.join(bad)}: not one token each; pick single-token words")
+        raise UsageError(f"--show {', '.join(bad)}: not one token each; pick single-token words")
     init = encode(cfg["ctx_init"].replace("_", " ")) if cfg.get("ctx_init") else []
     result = {}
     for title, labels, vectors in groups:

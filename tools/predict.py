@@ -28,9 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 import clip  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
+from runs import UsageError  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +44,7 @@ parser.add_argument("--method", help="zeroshot: hand-written prompts, no --load;
                     "check that --load holds this method's prompts")
 parser.add_argument("--backbone", help="zeroshot: the CLIP model (default ViT-B/16); with "
                     "--load: only to point at the same checkpoint file moved elsewhere")
-parser.add_argument("--template", help="zeroshot: prompt template (default 'a photo of a {}.')")
+parser.add_argument("--template", type=config.template, help="zeroshot: prompt template (default 'a photo of a {}.')")
 parser.add_argument("--classes", help="comma-separated class names (default: the run's)")
 parser.add_argument("--classes-file", help="class names, one per line")
 parser.add_argument("--subset", choices=["base", "new", "all"], help="which of the run's classes "
@@ -56,25 +58,8 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 def load_prompts(path):
     """A train.py learned.pt (or checkpoint.pt, or the run folder holding it) ->
     (learned state dict, config, file, the classes it was learned for or None)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "learned.pt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{os.path.dirname(path)} holds no learned.pt: pass "
-                                    "the output folder of a finished training run (an "
-                                    "unfinished one: its checkpoint.pt)")
-    elif not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: pass a training run's output folder")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ValueError(f"could not read {path} as a torch file ({type(e).__name__}: "
-                         f"{str(e)[:150]}); pass a training run's learned.pt") from None
-    if not (isinstance(saved, dict) and isinstance(saved.get("learned"), dict)
-            and isinstance(saved.get("config"), dict)
-            and {"method", "backbone", "dataset", "model_options"} <= set(saved["config"])):
-        raise ValueError(f"{path} is not a prompt file written by train.py (a dict with "
-                         "'learned' and 'config'); pass a training run's learned.pt or its "
-                         "output folder")
+    saved = runs.read_run(path) if os.path.isdir(path) else runs.read(path)
+    path = os.path.join(path, "learned.pt") if os.path.isdir(path) else path
     return saved["learned"], saved["config"], path, saved.get("classnames")
 
 
@@ -85,7 +70,7 @@ def run_classes(cfg, subset=None):
             warnings.simplefilter("ignore")  # few-shot sampling notes: not about class names
             ds = data.load(cfg["dataset"], cfg["root"])  # all shots: the same classes
     except data.DataError as e:
-        raise ValueError(f"the class names come from the run's dataset {cfg['dataset']!r} under "
+        raise UsageError(f"the class names come from the run's dataset {cfg['dataset']!r} under "
                          f"{cfg['root']!r}, which cannot be read here ({e}). Pass --classes or "
                          "--classes-file") from None
     subset = subset or ("base" if cfg["protocol"] == "base2new" else "all")
@@ -95,33 +80,30 @@ def run_classes(cfg, subset=None):
 
 def class_list(args, cfg):
     if args.classes and args.classes_file:
-        raise ValueError("give --classes or --classes-file, not both")
+        raise UsageError("give --classes or --classes-file, not both")
     if args.classes_file:
         with open(args.classes_file) as f:
             names = [s.strip() for s in f if s.strip() and not s.startswith("#")]
     elif args.classes:
         names = [s.strip() for s in args.classes.split(",") if s.strip()]
     elif cfg["method"] == "zeroshot":
-        raise ValueError("--method zeroshot needs --classes or --classes-file")
+        raise UsageError("--method zeroshot needs --classes or --classes-file")
     else:
         return run_classes(cfg, args.subset)
     if len(names) < 2 or len(set(names)) != len(names):
-        raise ValueError(f"need at least two distinct class names, got {names}")
+        raise UsageError(f"need at least two distinct class names, got {names}")
     return names
 
 
-def check_backbone(saved, given, path):
-    """The run's backbone; a different --backbone only when it is the same file, moved."""
-    if given is None or given == saved:
-        return saved
-    names = clip.available_models()
-    if saved not in names and given not in names and \
-            os.path.basename(saved) == os.path.basename(given):
+def check_backbone(cfg, given, path):
+    """The run's backbone; another --backbone only when it is the same checkpoint, moved."""
+    if given is None or given == cfg["backbone"]:
+        return cfg["backbone"]
+    if config.backbone_id(given) == cfg.get("backbone_id", config.backbone_id(cfg["backbone"])):
         return given
-    raise ValueError(f"the prompts in {path} were trained with backbone {saved!r}, not "
+    raise UsageError(f"the prompts in {path} were trained with backbone {cfg['backbone']!r}, not "
                      f"--backbone {given!r}: learned prompts only work with the backbone they "
-                     "were trained on (to point at the same checkpoint moved elsewhere, keep "
-                     "its file name)")
+                     "were trained on")
 
 
 def configure(args):
@@ -129,19 +111,17 @@ def configure(args):
     it was learned for or None)."""
     if args.load is None:
         if args.method != "zeroshot":
-            raise ValueError("pass --load RUN (a training run's output folder), or "
+            raise UsageError("pass --load RUN (a training run's output folder), or "
                              "--method zeroshot for hand-written prompts")
-        if "{}" not in (args.template or "{}"):
-            raise ValueError(f"--template {args.template!r} needs a {{}} for the class name")
-        cfg = dict(train.RUN, method="zeroshot", backbone=args.backbone or train.RUN["backbone"],
+        cfg = dict(config.RUN, method="zeroshot", backbone=args.backbone or config.RUN["backbone"],
                    template=args.template, ensemble=False, model_options=["template", "ensemble"])
-        return cfg, None, f"the template {args.template or data.PHOTO!r}", None
+        return cfg, None, f"the template {args.template or clip.PHOTO!r}", None
     state, cfg, path, learned_for = load_prompts(args.load)
     if args.method not in (None, cfg["method"]):
-        raise ValueError(f"--method {args.method}, but {path} holds {cfg['method']} prompts")
+        raise UsageError(f"--method {args.method}, but {path} holds {cfg['method']} prompts")
     if args.template:
-        raise ValueError("--template is for --method zeroshot; learned prompts have no template")
-    cfg = dict(cfg, backbone=check_backbone(cfg["backbone"], args.backbone, path))
+        raise UsageError("--template is for --method zeroshot; learned prompts have no template")
+    cfg = dict(cfg, backbone=check_backbone(cfg, args.backbone, path))
     return cfg, state, path, learned_for
 
 
@@ -153,17 +133,17 @@ def expand_images(specs):
             found = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True)
                            if os.path.isfile(p))
             if not found:
-                raise FileNotFoundError(f"no file matches {spec!r}")
+                raise UsageError(f"no file matches {spec!r}")
         elif os.path.isdir(spec):
             found = sorted(os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
                            if f.lower().endswith(data.IMAGE_EXTS))
             if not found:
-                raise FileNotFoundError(f"folder {spec} holds no images "
+                raise UsageError(f"folder {spec} holds no images "
                                         f"({', '.join(data.IMAGE_EXTS)})")
         elif os.path.isfile(spec):
             found = [spec]
         else:
-            raise FileNotFoundError(f"{spec} not found (not a file, a folder or a glob)")
+            raise UsageError(f"{spec} not found (not a file, a folder or a glob)")
         paths += found
     return paths
 
@@ -184,7 +164,7 @@ def predict(model, paths, n_px, device, batch_size=64):
         probs.append(logits.float().softmax(dim=-1).cpu())
         kept += [paths[i] for i in index.tolist()]
     if not kept:
-        raise ValueError(f"none of the {len(paths)} files is an image PIL can read")
+        raise UsageError(f"none of the {len(paths)} files is an image PIL can read")
     return torch.cat(probs), kept  # (N, n_cls)
 
 
@@ -204,27 +184,22 @@ def write(out, rows):
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.out and not args.out.endswith((".csv", ".json")):
-        raise ValueError(f"--out {args.out}: name a .csv or .json file")
+        raise UsageError(f"--out {args.out}: name a .csv or .json file")
     if args.topk < 1:
-        raise ValueError("--topk must be at least 1")
+        raise UsageError("--topk must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+        raise UsageError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
     cfg, state, source, learned_for = configure(args)
     cfg["device"] = args.device
     classnames = class_list(args, cfg)
     paths = expand_images(args.images)
     clip_model, _ = clip.load(cfg["backbone"], args.device)
-    ds = data.Dataset(cfg["dataset"], classnames, [], [], [], data.PHOTO)
+    ds = data.Dataset(cfg["dataset"], classnames, [], [], [], clip.PHOTO)
     model = train.build_model(cfg, clip_model, ds)
     # per-class learned tensors (CoOp's csc, the linear probe) fit only the classes they learned
-    runs.check_classes(model, dict(cfg, load=source), {"all": ds}, learned_for)
-    try:
-        if state is not None:
-            runs.load_learned(model, state)
-    except ValueError as e:  # missing keys or other shapes
-        raise ValueError(f"the prompts in {source} do not fit a {cfg['method']} model on "
-                         f"backbone {cfg['backbone']!r} ({e}): prompts fit only the method, "
-                         "backbone and options they were trained with") from None
+    train.check_classes(model, dict(cfg, load=source), {"all": ds}, learned_for)
+    if state is not None:
+        runs.load_learned(model, state, source)
     probs, kept = predict(model, paths, clip_model.visual.input_resolution, args.device,
                           args.batch_size)
     top = probs.topk(min(args.topk, len(classnames)), dim=-1)  # (N, k)

@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)  # the repository root: train, data, clip, tools
 
 import data  # noqa: E402
 import runs  # noqa: E402
+from runs import UsageError  # noqa: E402
 import train  # noqa: E402
 from tools import summarise  # noqa: E402
 
@@ -74,7 +75,7 @@ def plan(args):
                                   str(seed), "--backbone", bb, "--out", out, *resume], out, None))
         return jobs
     if method == "zeroshot":
-        raise ValueError(f"zero-shot CLIP trains nothing to transfer: run --protocol fewshot "
+        raise UsageError(f"zero-shot CLIP trains nothing to transfer: run --protocol fewshot "
                          f"--method zeroshot --datasets imagenet ... for the {args.protocol} "
                          "datasets instead")
     targets = args.datasets or (summarise.PAPER_ORDER[1:] if args.protocol == "crossdataset"
@@ -98,7 +99,7 @@ def main(argv=None):
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     unknown = set(args.datasets or []) - set(data.DATASETS)
     if unknown:
-        raise ValueError(f"unknown datasets {sorted(unknown)}; choose from {list(data.DATASETS)}")
+        raise UsageError(f"unknown datasets {sorted(unknown)}; choose from {list(data.DATASETS)}")
     jobs = plan(args)
     todo = [j for j in jobs if not os.path.isfile(os.path.join(j[1], "results.json"))]
     print(f"{args.protocol}: {len(jobs)} runs, {len(jobs) - len(todo)} done (results.json "

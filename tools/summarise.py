@@ -12,7 +12,7 @@ parse_test_res.py; --ci95: 1.96 * std / sqrt(n)). Tables:
   fewshot    rows datasets, columns shot counts (the CoOp paper's few-shot curves as a table);
   transfer   --eval-only --load runs (cross-dataset and domain generalisation): rows methods,
              the source dataset, then each target dataset and the target average.
-Datasets appear in the papers' order (data.DATASETS), others after them.
+Datasets appear in the papers' order (PAPER_ORDER), others after them.
 """
 import argparse
 import json
@@ -21,6 +21,10 @@ import os
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+
+from runs import UsageError, run_cli  # noqa: E402
 
 # The papers' column order (names as data.DATASETS); ImageNet variants: domain generalisation.
 PAPER_ORDER = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
@@ -38,7 +42,7 @@ parser.add_argument("--ci95", action="store_true", help="+/- the 95%% confidence
 def find_results(folder):
     """{real path of a run folder: its results.json} for every one below `folder`."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder} is not a folder")
+        raise UsageError(f"{folder} is not a folder")
     runs = {}
     for d, _, files in sorted(os.walk(folder)):
         if "results.json" in files:
@@ -56,8 +60,8 @@ def find_results(folder):
                 continue
             runs[os.path.realpath(d)] = r
     if not runs:
-        raise FileNotFoundError(f"no usable results.json below {folder}: pass train.py's "
-                                "output folder")
+        raise UsageError(f"no usable results.json below {folder}: pass train.py's "
+                         "output folder")
     return runs
 
 
@@ -217,8 +221,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

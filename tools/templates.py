@@ -29,9 +29,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import clip  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
 import runs  # noqa: E402
-import train  # noqa: E402
+from runs import UsageError  # noqa: E402
 import zeroshot  # noqa: E402
 
 # The five templates the notes list.
@@ -41,32 +42,36 @@ NOTES_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "a close-up photo o
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dataset", default="toy", help=f"{', '.join(data.DATASETS)} (default: toy)")
-parser.add_argument("--root", default=train.RUN["root"], help="data root; for 'folder' the "
-                    f"folder itself (default: {train.RUN['root']})")
+parser.add_argument("--root", default=config.RUN["root"], help="data root; for 'folder' the "
+                    f"folder itself (default: {config.RUN['root']})")
 parser.add_argument("--backbone", help=f"{', '.join(clip.available_models())} or a checkpoint "
                     "file (default: toy for the toy dataset, else ViT-B/16)")
 parser.add_argument("--templates", metavar="FILE", help="templates, one per line (default: the "
                     "notes' five: " + " | ".join(NOTES_TEMPLATES) + ")")
-parser.add_argument("--device", default=train.RUN["device"], help="cpu or cuda (default: "
-                    f"{train.RUN['device']})")
-parser.add_argument("--batch-size", type=int, default=train.RUN["eval_batch_size"],
-                    help=f"test images per batch (default: {train.RUN['eval_batch_size']}, "
+parser.add_argument("--device", default=config.RUN["device"], help="cpu or cuda (default: "
+                    f"{config.RUN['device']})")
+parser.add_argument("--batch-size", type=int, default=config.RUN["eval_batch_size"],
+                    help=f"test images per batch (default: {config.RUN['eval_batch_size']}, "
                     "train.py's)")
-parser.add_argument("--workers", type=int, default=train.RUN["workers"],
-                    help=f"data-loading processes (default: {train.RUN['workers']})")
+parser.add_argument("--workers", type=int, default=config.RUN["workers"],
+                    help=f"data-loading processes (default: {config.RUN['workers']})")
 
 
 def read_templates(path):
-    """The templates of a file, one per line; each must hold "{}" for the class name."""
-    with open(path, encoding="utf-8") as f:
-        lines = [(i, line.strip()) for i, line in enumerate(f, 1)]
+    """The templates of a file, one per line; each holds one "{}" for the class name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(i, line.strip()) for i, line in enumerate(f, 1)]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--templates {path}: cannot read it as text ({e})") from None
     templates = [(i, t) for i, t in lines if t and not t.startswith("#")]
     if not templates:
-        raise ValueError(f"--templates {path}: no template in the file (one per line)")
+        raise UsageError(f"--templates {path}: no template in the file (one per line)")
     for i, t in templates:
-        if "{}" not in t:
-            raise ValueError(f"--templates {path}, line {i}: {t!r} has no {{}} for the class "
-                             "name")
+        try:
+            clip.check_template(t)
+        except ValueError as e:
+            raise UsageError(f"--templates {path}, line {i}: {e}") from None
     return [t for _, t in templates]
 
 
@@ -103,8 +108,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     templates = read_templates(args.templates) if args.templates else NOTES_TEMPLATES
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
-    backbone = args.backbone or ("toy" if args.dataset == "toy" else train.RUN["backbone"])
+        raise UsageError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+    backbone = args.backbone or ("toy" if args.dataset == "toy" else config.RUN["backbone"])
     ds = data.load(args.dataset, args.root)  # all classes; the test split is never sampled
     if not ds.test:
         raise data.DataError(f"{ds}: no test images to evaluate")

@@ -52,7 +52,7 @@ CLASH = {"grass": {"green"}, "sand": {"yellow", "orange"}, "water": {"blue"},
 # The downstream Toy task. Labels follow `classes`, so the standard base/new split (the first
 # ceil(n/2) labels are base) gives the first half as base classes and the second half as new
 # (star and drop appear only in pretraining). `spurious`: the share of each base class's train
-# images on "its" scene. What this task shows, seed by seed: `python -m toy.check` (README, "The
+# images on "its" scene. What this task shows, seed by seed: `python tools/toy_check.py` (README, "The
 # toy world"). The learned context moves towards the words "sketch", "outline", "line" and
 # fixes the base classes; the new classes' errors are moon and arrow taken for bolt, a whole
 # class at a time, so their accuracy moves by ~17 points from seed to seed; the spurious scenes

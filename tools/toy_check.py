@@ -1,8 +1,8 @@
 """Does the toy world tell the notes' story on every seed? Run each method's default command on
 seeds 1-3 (or --seeds) and check, seed by seed, what the README says the toy shows.
 
-    python -m toy.check                       # the default commands, seeds 1 2 3
-    python -m toy.check --seeds 1 2 3 4 5 --methods zeroshot coop cocoop
+    python tools/toy_check.py                       # the default commands, seeds 1 2 3
+    python tools/toy_check.py --seeds 1 2 3 4 5 --methods zeroshot coop cocoop
 
 The checks (the story of prompt-learning-notes.md, on the toy):
     coop      base >= zero-shot base + 5, new <= zero-shot new - 3   (base-class overfitting,
