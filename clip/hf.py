@@ -62,8 +62,7 @@ _BLOCK = [  # inside block {i} of either tower
 ]
 _TOWERS = {"text_model.encoder.layers.{i}.": "transformer.resblocks.{i}.",
            "vision_model.encoder.layers.{i}.": "visual.transformer.resblocks.{i}."}
-HF_TO_OPENAI = _TOP + [(hf + a, None if b is None else oa + b, t)
-                       for hf, oa in _TOWERS.items() for a, b, t in _BLOCK]
+HF_TO_OPENAI = _TOP + [(hf + a, oa + b, t) for hf, oa in _TOWERS.items() for a, b, t in _BLOCK]
 
 _FIELDS = dict(i=r"(?P<i>\d+)", wb=r"(?P<wb>weight|bias)", qkv=r"(?P<qkv>[qkv])")
 _PATTERNS = [(re.compile(hf.replace(".", r"\.").format(**_FIELDS)), oa, t)
@@ -167,12 +166,13 @@ def to_openai(state_dict, source):
                                   "missing. clip.load needs a full CLIPModel.")
     out, thirds, unknown = {}, {}, []
     for key, tensor in state_dict.items():
-        match = next(((m, oa, t) for p, oa, t in _PATTERNS if (m := p.fullmatch(key))), None)
-        if match is None:
+        row = next(((p.fullmatch(key), oa, t) for p, oa, t in _PATTERNS if p.fullmatch(key)),
+                   None)  # (the match, the OpenAI name, the transform) of the row that fits
+        if row is None:
             unknown.append(key)
             continue
-        m, name, transform = match
-        if name is None:
+        m, name, transform = row
+        if name is None:  # a buffer, not a weight
             continue
         name = name.format(**m.groupdict())
         if transform == "qkv":
