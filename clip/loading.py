@@ -211,8 +211,9 @@ def _resolve(name, download_root):
         return name
     if name.endswith((".pt", ".pth", ".bin", ".safetensors")) or \
             name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"checkpoint file or folder not found: {name} (or pass one of "
-                                f"the model names {available_models()})")
+        raise FileNotFoundError(f"checkpoint file not found: {name} (pass a checkpoint file, a "
+                                f"Hugging Face CLIP folder, or one of the model names "
+                                f"{available_models()})")
     raise ValueError(f"unknown model {name!r}; available models are {available_models()}, "
                      "or pass the path of a checkpoint file or of a Hugging Face CLIP folder")
 
