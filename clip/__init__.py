@@ -1,7 +1,7 @@
 """A compact CLIP, compatible with OpenAI's checkpoints and API.
 
     import clip
-    model, preprocess = clip.load("ViT-B/16")       # or "toy", or a checkpoint's path
+    model, preprocess = clip.load("ViT-B/16")  # or "toy", a checkpoint, a Hugging Face folder
     logits_per_image, _ = model(preprocess(image)[None], clip.tokenize(["a photo of a dog."]))
 
 Re-implementation of openai/CLIP (MIT licence; see LICENSE).

@@ -3,9 +3,11 @@
 The OpenAI-compatible entry points `available_models()` and `load()`, re-implemented after
 openai/CLIP's `clip/clip.py` (MIT licence, see LICENSE). `load` rebuilds an eager model from the
 checkpoint's state dict (OpenAI publishes TorchScript archives; we only read the weights out of
-them, which is what openai/CLIP does with jit=False).
+them, which is what openai/CLIP does with jit=False). It also reads Hugging Face CLIPModel
+folders (clip/hf.py) and .safetensors files, with a small reader of that format below.
 """
 import hashlib
+import json
 import os
 import sys
 import urllib.error
@@ -15,6 +17,7 @@ import zipfile
 
 import torch
 
+from . import hf
 from .model import CheckpointError, build_model, convert_weights
 
 _URL = "https://openaipublic.azureedge.net/clip/models"
@@ -107,10 +110,69 @@ def _is_torchscript(path):
         return any(name.endswith("/constants.pkl") for name in z.namelist())
 
 
+# safetensors dtype names -> torch dtypes (huggingface/safetensors: safetensors/src/tensor.rs)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """The tensors of a .safetensors file, read without the safetensors package (no pickle).
+
+    The format: an 8-byte little-endian header length n; n bytes of JSON {name: {"dtype",
+    "shape", "data_offsets": [begin, end]}} (plus an optional "__metadata__"); then the raw
+    little-endian bytes, offsets counted from the end of the header. The tensors are views of
+    one buffer read from the file."""
+    def bad(what, truncated=False):
+        advice = "The file may be truncated or corrupt: delete it and download it again." \
+            if truncated else "Pass a safetensors file written by the safetensors library."
+        return CheckpointError(f"could not read {path} as a safetensors file: {what}. {advice}")
+    data = bytearray(os.path.getsize(path))
+    with open(path, "rb") as f:
+        f.readinto(data)
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 9 or data[8:9] != b"{":
+        raise bad(f"it does not start with a safetensors header (it starts with "
+                  f"{bytes(data[:12])!r})")
+    if 8 + n > len(data):
+        raise bad(f"its {n}-byte header runs past the end of the file", truncated=True)
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError as e:
+        raise bad(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    start, size = 8 + n, len(data) - 8 - n  # the data section: `size` bytes from `start`
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            numel = int(torch.Size(shape).numel())
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"the header entry of {name!r} is malformed: {info!r}") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise bad(f"{name!r} has the dtype {dtype!r}, which this reader does not know "
+                      f"(it reads {', '.join(_SAFETENSORS_DTYPES)})")
+        dt = _SAFETENSORS_DTYPES[dtype]
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= size):
+            raise bad(f"the bytes of {name!r}, [{begin}, {end}), lie outside the file's "
+                      f"{size} data bytes", truncated=True)
+        if end - begin != numel * dt.itemsize:
+            raise bad(f"{name!r} has {end - begin} bytes for shape {shape} of {dtype}")
+        tensors[name] = torch.frombuffer(data, dtype=dt, count=numel, offset=start + begin) \
+            .view(shape) if numel else torch.empty(shape, dtype=dt)
+    return tensors
+
+
 def load_state_dict(path):
-    """The CLIP state dict stored in `path`: a TorchScript archive or a plain state dict.
+    """The CLIP state dict stored in `path`: a TorchScript archive, a plain state dict or a
+    .safetensors file.
 
     Plain files are read with weights_only=True: a checkpoint is data and must never run code."""
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(path)
     try:
         if _is_torchscript(path):
             with warnings.catch_warnings():  # torch.jit is deprecated; the archives remain
@@ -145,17 +207,39 @@ def _resolve(name, download_root):
             raise CheckpointError(f"the built-in checkpoint {_BUILTIN[name]} is missing; "
                                   "rebuild it with `python -m toy.pretrain` (see README)")
         return _BUILTIN[name]
-    if os.path.isfile(name):
+    if os.path.exists(name):
         return name
-    if name.endswith((".pt", ".pth", ".bin")) or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"checkpoint file not found: {name} (or pass one of the model "
-                              f"names {available_models()})")
+    if name.endswith((".pt", ".pth", ".bin", ".safetensors")) or \
+            name.startswith((".", "/", "~")):
+        raise CheckpointError(f"checkpoint file not found: {name} (pass a checkpoint file, a "
+                              f"Hugging Face CLIP folder, or one of the model names "
+                              f"{available_models()})")
     raise CheckpointError(f"unknown model {name!r}; available models are {available_models()}, "
-                          "or pass the path of a checkpoint file")
+                          "or pass the path of a checkpoint file or of a Hugging Face CLIP folder")
+
+
+def _load_hf(path):
+    """A transformers CLIPModel folder (or its weights file beside config.json) -> CLIP."""
+    arch = hf.read_config(path if os.path.isdir(path) else os.path.dirname(path))
+    sd = {}
+    for file in hf.weight_files(path):
+        sd.update(load_state_dict(file))
+    return build_model(hf.to_openai(sd, path), **arch)
+
+
+def _load_file(path):
+    """An OpenAI-layout checkpoint file -> CLIP, with OpenAI's QuickGELU."""
+    sd = load_state_dict(path)
+    if any(k.startswith(("text_model.", "vision_model.")) for k in sd):
+        raise CheckpointError(
+            f"{path} holds a Hugging Face CLIPModel's weights: pass the folder that holds it "
+            "with its config.json (which says the activation and the head counts)")
+    return build_model(sd)
 
 
 def load(name, device=None, download_root=None, fp16=False, jit=False):
-    """Load a CLIP model: a name from `available_models()` or a checkpoint's path.
+    """Load a CLIP model: a name from `available_models()`, a checkpoint's path, or a Hugging
+    Face CLIPModel folder (config.json with model.safetensors or pytorch_model.bin).
 
     Returns (model, preprocess): an eval-mode model on `device` and the PIL -> tensor transform
     at its input resolution. Weights are fp32; `fp16=True` converts them as OpenAI's
@@ -164,7 +248,8 @@ def load(name, device=None, download_root=None, fp16=False, jit=False):
         raise ValueError("jit=True is not supported: this package rebuilds an eager model from "
                          "the checkpoint's weights (openai/CLIP's jit=False)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(load_state_dict(_resolve(name, download_root))).to(device)
+    path = _resolve(name, download_root)
+    model = (_load_hf(path) if hf.is_hf(path) else _load_file(path)).to(device)
     if fp16:
         if device.type == "cpu":
             raise ValueError("fp16 weights need a GPU; on the CPU use the default fp32")

@@ -33,9 +33,10 @@ class CheckpointError(RuntimeError):
 
 
 class QuickGELU(nn.Module):
-    """GELU approximation used by every CLIP transformer: x * sigmoid(1.702 x).
+    """The GELU approximation OpenAI's CLIP models were trained with: x * sigmoid(1.702 x).
 
-    Using exact GELU instead silently costs accuracy with OpenAI's weights."""
+    A model runs the activation it was trained with: OpenAI's weights need QuickGELU, most
+    open_clip/LAION models exact GELU (`nn.GELU`); the two differ by ~1e-2 in the features."""
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -55,6 +56,8 @@ class Attention(nn.Module):
 
     def __init__(self, d_model, n_head, causal=False):
         super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"a width of {d_model} does not split into {n_head} attention heads")
         self.n_head, self.causal = n_head, causal
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))  # (3D, D) q, k, v
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))  # (3D,)
@@ -79,13 +82,13 @@ class ResidualAttentionBlock(nn.Module):
     Single tensor in, single tensor out, so a method can loop over blocks and edit the token
     sequence between them (MaPLe's deep prompts)."""
 
-    def __init__(self, d_model, n_head, causal=False):
+    def __init__(self, d_model, n_head, causal=False, quick_gelu=True):
         super().__init__()
         self.attn = Attention(d_model, n_head, causal)
         self.ln_1 = LayerNorm(d_model)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(d_model, d_model * 4)),
-            ("gelu", QuickGELU()),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),  # exact GELU: erf, not tanh
             ("c_proj", nn.Linear(d_model * 4, d_model)),
         ]))
         self.ln_2 = LayerNorm(d_model)
@@ -107,13 +110,13 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, causal=False):
+    def __init__(self, width, layers, heads, causal=False, quick_gelu=True):
         super().__init__()
         self.width, self.layers = width, layers
         # OpenAI uses nn.Sequential; a ModuleList has the same keys (resblocks.{i}.*) and invites
         # iterating over the blocks.
         self.resblocks = nn.ModuleList(
-            [ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+            [ResidualAttentionBlock(width, heads, causal, quick_gelu) for _ in range(layers)])
 
     def forward(self, x):
         for block in self.resblocks:
@@ -122,7 +125,8 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim,
+                 quick_gelu=True):
         super().__init__()
         self.input_resolution, self.output_dim = input_resolution, output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
@@ -132,7 +136,7 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(
             scale * torch.randn(grid ** 2 + 1, width))  # (1+P, Dv)
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, quick_gelu=quick_gelu)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))  # (Dv, E)
 
@@ -155,20 +159,25 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
+    """OpenAI's constructor arguments, plus two that OpenAI's models fix: `vision_heads` (None:
+    OpenAI's width // 64; LAION's ViT-H/14 has 16 heads of width 80) and `quick_gelu` (the MLP
+    activation of both transformers: True for OpenAI's weights, False for exact GELU)."""
+
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width,
                  vision_patch_size, context_length, vocab_size, transformer_width,
-                 transformer_heads, transformer_layers):
+                 transformer_heads, transformer_layers, vision_heads=None, quick_gelu=True):
         super().__init__()
-        self.context_length = context_length
+        self.context_length, self.quick_gelu = context_length, quick_gelu
         if isinstance(vision_layers, (tuple, list)):  # a tuple of 4 block counts: ResNet
             self.visual = ModifiedResNet(vision_layers, embed_dim, heads=vision_width * 32 // 64,
                                          input_resolution=image_resolution, width=vision_width)
         else:
             self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
-                                            vision_layers, vision_width // 64, embed_dim)
+                                            vision_layers, vision_heads or vision_width // 64,
+                                            embed_dim, quick_gelu)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
-                                       causal=True)
-        self.vocab_size = vocab_size
+                                       causal=True, quick_gelu=quick_gelu)
+        self.vocab_size = vocab_size  # rows of token_embedding: clip.tokenize needs 49,408
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)  # (vocab, D)
         self.positional_embedding = nn.Parameter(
             torch.empty(context_length, transformer_width))  # (L, D)
@@ -276,10 +285,15 @@ def config_from_state_dict(sd):
     return cfg
 
 
-def build_model(state_dict):
-    """An fp32 CLIP in eval mode, loaded strictly from an OpenAI-layout state dict."""
+def build_model(state_dict, quick_gelu=True, **overrides):
+    """An fp32 CLIP in eval mode, loaded strictly from an OpenAI-layout state dict.
+
+    The weights do not show the activation they were trained with: `quick_gelu=True` for
+    OpenAI's models and open_clip's `-quickgelu` ones, False for exact-GELU models (open_clip's
+    other configs, LAION's). `overrides` are CLIP(...) arguments the shapes do not show either
+    (`transformer_heads`, `vision_heads`, whose default is OpenAI's width // 64)."""
     sd = {k: v for k, v in state_dict.items() if k not in _SCALAR_KEYS}
-    model = CLIP(**config_from_state_dict(sd))
+    model = CLIP(**{**config_from_state_dict(sd), **overrides}, quick_gelu=quick_gelu)
     missing, unexpected = _key_mismatch(model.state_dict(), sd)
     if missing or unexpected:
         raise CheckpointError(
