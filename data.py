@@ -126,7 +126,8 @@ def halves(ds, protocol):
         return {"all": ds}
     base, new = base_new(ds)
     if min(len(base.classnames), len(new.classnames)) < 2:
-        raise DataError(f"{ds.name}: base2new splits {len(ds.classnames)} classes into "
+        n = len(ds.classnames)
+        raise DataError(f"{ds.name}: base2new splits {n} class{'es' * (n != 1)} into "
                         f"{len(base.classnames)} base and {len(new.classnames)} new; each half "
                         "needs at least 2: use --protocol fewshot or add classes")
     return {"base": base, "new": new}

@@ -43,12 +43,12 @@ def test_hidden_folders_are_skipped_by_name(tmp_path):
     assert ds.classnames == ["cat", "dog"] and len(ds.train + ds.val + ds.test) == 12
 
 
-@pytest.mark.parametrize("n, base, new", [(2, 1, 1), (3, 2, 1)])
+@pytest.mark.parametrize("n, base, new", [(1, 1, 0), (2, 1, 1), (3, 2, 1)])
 def test_base2new_half_under_two_classes_is_refused_with_the_counts(tmp_path, n, base, new):
     ds = data.load("folder", folder_dataset(tmp_path, ["a", "b", "c"][:n]))
-    with pytest.raises(data.DataError, match=rf"base2new splits {n} classes into {base} base and "
-                                             rf"{new} new; each half needs at least 2: use "
-                                             "--protocol fewshot or add classes"):
+    with pytest.raises(data.DataError, match=rf"base2new splits {n} class(es)? into {base} "
+                                             rf"base and {new} new; each half needs at least 2: "
+                                             "use --protocol fewshot or add classes"):
         data.halves(ds, "base2new")
     assert list(data.halves(ds, "fewshot")) == ["all"]
 
