@@ -5,8 +5,8 @@ load(name, root, shots, seed) reads a dataset (its layout on disk: layouts.py; t
 caches: dassl_cache.py), samples the few shots per class as Dassl does, and returns a Dataset of
 (image path, label) items; base_new() splits its classes; make_loader() turns items into
 batches. Every image is read by open_image() (8-bit RGB from any mode PIL opens, at most
-MAX_PIXELS); one that cannot be read is skipped with a warning naming why, and counted
-(Loader.skipped).
+MAX_PIXELS and MAX_ASPECT); one that cannot be read is skipped with a warning naming why, and
+counted (Loader.skipped).
 
 Shape legend: B images in a batch, n_px the backbone's input resolution.
 """
@@ -135,6 +135,9 @@ def halves(ds, protocol):
 
 # ---- Reading one image: the one path for training, evaluation and tools/predict.py
 MAX_PIXELS = 100_000_000  # width x height; larger images are skipped (README "Bad input")
+# long side / short side: the test transform resizes the short side to n_px, so a 1 x 100000
+# strip (a small file) would become n_px x 100000 n_px pixels, gigabytes; thinner ones are skipped
+MAX_ASPECT = 100
 # What PIL raises for a file it cannot decode (measured by corrupting PNG, JPEG, GIF, BMP,
 # WebP, TIFF, ICO, PPM, TGA and JPEG 2000 files: OSError, ValueError, SyntaxError, and
 # DecompressionBombError for a damaged size; EOFError and struct.error come from plugins'
@@ -143,8 +146,8 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
 class ImageError(DataError):
-    """An image file that cannot be used: missing, empty, not an image, truncated, corrupt or
-    larger than MAX_PIXELS."""
+    """An image file that cannot be used: missing, empty, not an image, truncated, corrupt,
+    larger than MAX_PIXELS or thinner than MAX_ASPECT."""
 
 
 def open_image(path):
@@ -162,6 +165,10 @@ def open_image(path):
                     raise ImageError(f"{path}: too large: {w} x {h} = {w * h:,} pixels, over "
                                      f"the limit of {MAX_PIXELS:,} (data.MAX_PIXELS); downscale "
                                      "it")
+                if max(w, h) > MAX_ASPECT * min(w, h):
+                    raise ImageError(f"{path}: too thin: {w} x {h}, its long side over "
+                                     f"{MAX_ASPECT} times its short side (data.MAX_ASPECT); "
+                                     "resized for the model it would take gigabytes: crop it")
                 # NOTE(official code): Dassl's read_image ignores the EXIF orientation; we apply
                 # it, so a phone photo is read the way it is shown (no tag: no change).
                 return to_rgb(ImageOps.exif_transpose(im))

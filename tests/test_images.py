@@ -185,6 +185,11 @@ def test_too_large_images_are_skipped_from_their_header(tmp_path, monkeypatch):
     with pytest.raises(data.ImageError, match="40 x 25 = 1,000 pixels"):
         data.open_image(str(tmp_path / "small.png"))
     monkeypatch.setattr(data, "MAX_PIXELS", 10**8)
+    Image.new("RGB", (100, 1)).save(tmp_path / "strip.png")
+    Image.new("RGB", (1, 101)).save(tmp_path / "thinner.png")
+    assert data.open_image(str(tmp_path / "strip.png")).size == (100, 1)  # exactly MAX_ASPECT
+    with pytest.raises(data.ImageError, match=r"too thin: 1 x 101.*data.MAX_ASPECT"):
+        data.open_image(str(tmp_path / "thinner.png"))  # 1 x 100000 would fill gigabytes
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a user's lower PIL limit: also skipped
     with pytest.raises(data.ImageError, match="too large for PIL: .* exceeds limit of 200"):
         data.open_image(str(tmp_path / "small.png"))
