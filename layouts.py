@@ -216,8 +216,8 @@ def _class_files(root, spec):
         path = os.path.join(root, cname)
         if not files and _listdir(path, dirs=True):  # e.g. --root ./data holding data/toy/...
             raise DataError(f"folder: {path} holds no images, only subfolders: --root must name "
-                            f"the image folder itself, not a folder above it. Expected: "
-                            f"{_layout(spec)}")
+                            "the image folder itself (<root>/<class name>/<image>), not a "
+                            "folder above it")
         if not files:
             raise DataError(f"folder: class folder {path} has no images "
                             f"({', '.join(IMAGE_EXTS)}); add some or remove the folder")
