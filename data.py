@@ -4,7 +4,9 @@ loaders. What train.py and tools/ use of the data, all here.
 load(name, root, shots, seed) reads a dataset (its layout on disk: layouts.py; the official
 caches: dassl_cache.py), samples the few shots per class as Dassl does, and returns a Dataset of
 (image path, label) items; base_new() splits its classes; make_loader() turns items into
-batches. Unreadable images are skipped with a warning and counted (Loader.skipped).
+batches. Every image is read by open_image() (8-bit RGB from any mode PIL opens, at most
+MAX_PIXELS and MAX_ASPECT); one that cannot be read is skipped with a warning naming why, and
+counted (Loader.skipped).
 
 Shape legend: B images in a batch, n_px the backbone's input resolution.
 """
@@ -13,16 +15,19 @@ import math
 import os
 import time
 import random
+import struct
 import warnings
 from dataclasses import dataclass, replace
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 import clip
 import dassl_cache
-from layouts import DATASETS, IMAGE_EXTS, PHOTO, DataError, read  # noqa: F401 (data.DATASETS ...)
+from clip.image import to_rgb
+from layouts import (DATASETS, IMAGE_EXTS, PHOTO, DataError, find_images,  # noqa: F401
+                     read)  # (data.DATASETS, data.find_images ...: one import for train/tools)
 
 
 @dataclass
@@ -117,8 +122,64 @@ def base_new(ds):
 
 def halves(ds, protocol):
     """The class halves a protocol trains and tests on: {"base", "new"} (base2new) or {"all"}
-    (fewshot, crossdataset)."""
-    return dict(zip(("base", "new"), base_new(ds))) if protocol == "base2new" else {"all": ds}
+    (fewshot, crossdataset). Each base2new half needs two classes: on one class any model
+    scores 100%."""
+    if protocol != "base2new":
+        return {"all": ds}
+    base, new = base_new(ds)
+    if min(len(base.classnames), len(new.classnames)) < 2:
+        n = len(ds.classnames)
+        raise DataError(f"{ds.name}: base2new splits {n} class{'es' * (n != 1)} into "
+                        f"{len(base.classnames)} base and {len(new.classnames)} new; each half "
+                        "needs at least 2: use --protocol fewshot or add classes")
+    return {"base": base, "new": new}
+
+
+# ---- Reading one image: the one path for training, evaluation and tools/predict.py
+MAX_PIXELS = 100_000_000  # width x height; larger images are skipped (README "Bad input")
+# long side / short side: the test transform resizes the short side to n_px, so a 1 x 100000
+# strip (a small file) would become n_px x 100000 n_px pixels, gigabytes; thinner ones are skipped
+MAX_ASPECT = 100
+# What PIL raises for a file it cannot decode (measured by corrupting PNG, JPEG, GIF, BMP,
+# WebP, TIFF, ICO, PPM, TGA and JPEG 2000 files: OSError, ValueError, SyntaxError, and
+# DecompressionBombError for a damaged size; EOFError and struct.error come from plugins'
+# header parsing).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+
+
+class ImageError(DataError):
+    """An image file that cannot be used: missing, empty, not an image, truncated, corrupt,
+    larger than MAX_PIXELS or thinner than MAX_ASPECT."""
+
+
+def open_image(path):
+    """The image file `path` -> an 8-bit RGB PIL image: its first frame (animated GIF, WebP,
+    multi-page TIFF), turned upright as its EXIF orientation says, any mode scaled to 8-bit RGB
+    (clip/image.py). Raises ImageError naming the file and why it cannot be used."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ImageError(f"{path}: the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():  # PIL's own size warning: MAX_PIXELS decides instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size  # from the header: nothing decoded yet
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"{path}: too large: {w} x {h} = {w * h:,} pixels, over "
+                                     f"the limit of {MAX_PIXELS:,} (data.MAX_PIXELS); downscale "
+                                     "it")
+                if max(w, h) > MAX_ASPECT * min(w, h):
+                    raise ImageError(f"{path}: too thin: {w} x {h}, its long side over "
+                                     f"{MAX_ASPECT} times its short side (data.MAX_ASPECT); "
+                                     "resized for the model it would take gigabytes: crop it")
+                # NOTE(official code): Dassl's read_image ignores the EXIF orientation; we apply
+                # it, so a phone photo is read the way it is shown (no tag: no change).
+                return to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as e:  # over PIL's own limit, Image.MAX_IMAGE_PIXELS
+        raise ImageError(f"{path}: too large for PIL: {e} Downscale it (this project reads "
+                         f"up to {MAX_PIXELS:,} pixels, data.MAX_PIXELS).") from None
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"{path}: cannot be read as an image ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
 
 
 # ---- Transforms (Dassl:dassl/data/transforms/transforms.py with CoOp's configs) and loaders
@@ -134,7 +195,7 @@ test_transform = clip.preprocess
 
 
 class ImageList(torch.utils.data.Dataset):
-    """(path, label) items -> (image tensor, label); (None, path) for an unreadable image.
+    """(path, label) items -> (image tensor, label); (None, (path, why)) for an unreadable one.
     With `seed` set (training), the random augmentation of image i is seeded by (seed, i): an
     image gets the same crop whichever process or data-loading worker reads it (DDP, --workers)."""
 
@@ -147,10 +208,9 @@ class ImageList(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, label = self.items[i]
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")  # as Dassl's read_image
-        except (OSError, ValueError, SyntaxError):
-            return None, path
+            image = open_image(path)
+        except ImageError as e:
+            return None, (path, str(e))
         if self.seed is None:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):  # the CPU generator the transforms draw from
@@ -159,8 +219,8 @@ class ImageList(torch.utils.data.Dataset):
 
 
 def _collate(batch):
-    """Drop unreadable images; their paths travel with the batch, so the main process counts
-    them even when workers (num_workers > 0) did the reading."""
+    """Drop unreadable images; their (path, why) travel with the batch, so the main process
+    counts them even when workers (num_workers > 0) did the reading."""
     good = [b for b in batch if b[0] is not None]
     images = torch.stack([b[0] for b in good]) if good else torch.empty(0)  # (B, 3, n_px, n_px)
     labels = torch.tensor([b[1] for b in good], dtype=torch.long)  # (B,)
@@ -169,9 +229,9 @@ def _collate(batch):
 
 class Loader(torch.utils.data.DataLoader):
     """A DataLoader of (images (B, 3, n_px, n_px), labels (B,)). An unreadable image is skipped
-    with a warning, once per file however many epochs; `skipped` holds the paths. A progress line
-    every `print_freq` batches and at the end (None: silent); a training loader's randomness is
-    set per epoch by set_epoch."""
+    with a warning that says why, once per file however many epochs; `skipped` holds the paths.
+    A progress line every `print_freq` batches and at the end (None: silent); a training
+    loader's randomness is set per epoch by set_epoch."""
 
     def __init__(self, *args, name="", print_freq=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -186,9 +246,10 @@ class Loader(torch.utils.data.DataLoader):
     def __iter__(self):
         t0, done = time.time(), 0
         for i, (images, labels, bad) in enumerate(super().__iter__()):
-            for path in set(bad) - self.skipped:
-                warnings.warn(f"skipping unreadable image {path}")
-                self.skipped.add(path)
+            for path, why in bad:
+                if path not in self.skipped:
+                    warnings.warn(f"skipping unreadable image {why}")
+                    self.skipped.add(path)
             if len(labels):
                 yield images, labels
             done += len(labels)

@@ -16,6 +16,8 @@ import os
 import random
 import warnings
 
+import clip
+import clip.tokenizer
 import dassl_cache
 
 
@@ -48,7 +50,7 @@ _TABLE = {
     "folder": ("folder", "", "", "split_folder.json"),
     "toy": ("toy", "toy", "images", "split_zhou_Toy.json"),  # rendered by toy.world
 }
-PHOTO = "a photo of a {}."
+PHOTO = clip.PHOTO  # "a photo of a {}."
 TEMPLATES = {  # CoOp:trainers/zsclip.py CUSTOM_TEMPLATES; every other dataset uses PHOTO
     "oxford_pets": "a photo of a {}, a type of pet.",
     "oxford_flowers": "a photo of a {}, a type of flower.",
@@ -76,7 +78,7 @@ LAYOUTS = {  # what each kind expects, for error messages; d = <root>/<dataset f
     "wnids": "{d}/{images}/<wnid>/<image> and {d}/classnames.txt",
     "numbered": "{d}/{images}/<0..999>/<image> and {d}/classnames.txt",
     "fgvc": "{d}/images/*.jpg, {d}/variants.txt, {d}/images_variant_{{train,val,test}}.txt",
-    "folder": "<root>/<class name>/<image> (root is the folder itself)"}
+    "folder": "<root>/<class name>/<image> (--root names this image folder itself)"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FOLDER_SPLIT = (0.5, 0.2)  # train/val fractions, rest test (CoOp:datasets/dtd.py)
 
@@ -91,15 +93,91 @@ def _layout(spec):
 def _need(path, spec, what="", isdir=True):
     """`path` if it exists, else a DataError that names it and the layout `spec` wants."""
     if not (os.path.isdir(path) if isdir else os.path.isfile(path)):
-        raise DataError(f"{spec['name']}: {path} not found. {what}Expected layout: "
+        found = "is a symbolic link to a missing path" if os.path.islink(path) and not \
+            os.path.exists(path) else f"is not a {'folder' if isdir else 'file'}" if \
+            os.path.exists(path) else "not found"
+        raise DataError(f"{spec['name']}: {path} {found}. {what}Expected layout: "
                         f"{_layout(spec)}")
     return path
 
 
 def _listdir(path, dirs):
-    """Sorted non-hidden subfolders (dirs=True) or image files (dirs=False) of `path`."""
-    return sorted(e.name for e in os.scandir(path) if not e.name.startswith(".") and (
-        e.is_dir() if dirs else e.is_file() and e.name.lower().endswith(IMAGE_EXTS)))
+    """Sorted subfolders (dirs=True) or image files (dirs=False) of `path`, symbolic links
+    followed; one level only, so a link loop cannot recurse. Skipped with a warning: entries
+    that cannot be read (a link loop, a dangling link, no permission), hidden folders (.name)
+    and links to a folder already listed (or to `path` itself); hidden files (.DS_Store, macOS's
+    ._x.jpg) are skipped silently. A folder that cannot be listed raises DataError."""
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: (e.is_symlink(), e.name))  # real folders first
+    except OSError as e:
+        raise DataError(f"cannot list the folder {path} ({e.strerror}); check that it exists "
+                        "and is readable") from None
+    names, bad, hidden, seen = [], [], [], {os.path.realpath(path)}
+    for e in entries:
+        try:
+            is_dir, is_file = e.is_dir(), e.is_file()  # both False: a dangling link
+            if e.is_symlink() and not (is_dir or is_file):
+                raise FileNotFoundError(2, "a symbolic link to a missing path")
+        except OSError as err:
+            bad.append(f"{e.name} ({err.strerror})")
+            continue
+        if e.name.startswith("."):
+            if dirs and is_dir:
+                hidden.append(e.name)
+        elif dirs and is_dir and os.path.realpath(e.path) in seen:
+            bad.append(f"{e.name} (a link to {os.path.realpath(e.path)}: listed already, or "
+                       "the folder itself)")
+        elif dirs and is_dir:
+            names.append(e.name)
+            seen.add(os.path.realpath(e.path))
+        elif not dirs and is_file and e.name.lower().endswith(IMAGE_EXTS):
+            names.append(e.name)
+    if bad:
+        warnings.warn(f"{path}: skipping {len(bad)} entries that cannot be used: "
+                      f"{', '.join(sorted(bad))}")
+    if hidden:
+        warnings.warn(f"{path}: skipping hidden folders {', '.join(hidden)} (a name starting "
+                      "with '.'); rename them to use them")
+    return sorted(names)
+
+
+def find_images(folder):
+    """The image files under `folder`, searched recursively (tools/predict.py), sorted; links
+    followed, each real folder once (a link loop ends), hidden entries skipped, and image names
+    that are not readable files skipped with a warning."""
+    found, seen = [], set()
+    for d, subdirs, files in os.walk(folder, followlinks=True, onerror=lambda e: warnings.warn(
+            f"skipping {e.filename}: {e.strerror}")):
+        if os.path.realpath(d) in seen:  # a link back to a folder already searched
+            subdirs[:] = []
+            continue
+        seen.add(os.path.realpath(d))
+        subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+        images = [os.path.join(d, f) for f in sorted(files)
+                  if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")]
+        broken = [p for p in images if not os.path.isfile(p)]  # a link loop or a dangling link
+        if broken:
+            warnings.warn(f"skipping {len(broken)} image names that are not readable files: "
+                          f"{', '.join(broken[:5])}")
+        found += [p for p in images if p not in broken]
+    return sorted(found)
+
+
+def check_prompt_names(names, where, fix):
+    """Refuse two class folders whose names CLIP would read as the same words. The test is the
+    tokenizer's own (clip/tokenizer.py encode: ftfy, whitespace collapsed, lowercased, then
+    BPE), after load()'s "_" -> " ": the same ids make the same prompt, e.g. Circle/circle or
+    red_fox/"red fox"."""
+    first = {}
+    for name in names:
+        ids = tuple(clip.tokenizer.encode(name.replace("_", " ")))
+        if ids in first:
+            raise DataError(f"folder: the class folders {first[ids]!r} and {name!r} in {where} "
+                            f"both read as {clip.tokenizer.decode(ids)!r} to CLIP (its tokenizer "
+                            "lowercases and cleans spaces; '_' reads as a space), so their "
+                            f"prompts would be the same: {fix}")
+        first[ids] = name
 
 
 def _read_split(split, image_dir, spec):
@@ -122,18 +200,38 @@ def _read_split(split, image_dir, spec):
     return splits, names
 
 
+def _class_files(root, spec):
+    """{class folder: its image files} of a folder dataset; a class folder that cannot be
+    listed is skipped with a warning (the others keep their order)."""
+    classes = {}
+    for cname in _listdir(_need(root, spec), dirs=True):
+        try:
+            classes[cname] = _listdir(os.path.join(root, cname), dirs=False)
+        except DataError as e:
+            warnings.warn(f"folder: skipping class folder {cname}: {e}")
+    if not classes:
+        flat = "holds images but " if _listdir(root, dirs=False) else ""
+        raise DataError(f"folder: {root} {flat}has no class subfolders: put each class's images "
+                        f"in a subfolder named after the class. Expected: {_layout(spec)}")
+    for cname, files in classes.items():
+        path = os.path.join(root, cname)
+        if not files and _listdir(path, dirs=True):  # e.g. --root ./data holding data/toy/...
+            raise DataError(f"folder: {path} holds no images, only subfolders: --root must name "
+                            "the image folder itself (<root>/<class name>/<image>), not a "
+                            "folder above it")
+        if not files:
+            raise DataError(f"folder: class folder {path} has no images "
+                            f"({', '.join(IMAGE_EXTS)}); add some or remove the folder")
+    return classes
+
+
 def _make_folder_split(root, spec):
     """Split each class folder 50/20/30 with a seeded shuffle (seed 0, shared by every run), as
     CoOp's DTD.read_and_split_data does when a split file is absent; save it next to them."""
-    classes = _listdir(_need(root, spec), dirs=True)
-    if not classes:
-        raise DataError(f"folder: {root} has no class subfolders. Expected: {_layout(spec)}")
+    classes = _class_files(root, spec)
+    check_prompt_names(classes, root, "rename or merge one of them")
     rng, split = random.Random(0), {"train": [], "val": [], "test": []}
-    for label, cname in enumerate(classes):
-        files = _listdir(os.path.join(root, cname), dirs=False)
-        if not files:
-            raise DataError(f"folder: class folder {os.path.join(root, cname)} has no images "
-                            f"({', '.join(IMAGE_EXTS)}); add some or remove the folder")
+    for label, (cname, files) in enumerate(classes.items()):
         rng.shuffle(files)
         # NOTE(simplification): at least one train image per class; CoOp asserts instead.
         a = max(1, round(FOLDER_SPLIT[0] * len(files)))
@@ -232,6 +330,9 @@ def read(root, spec):
         if kind == "folder":
             print(f"using the saved split {source} (delete it to split the folder again)")
         splits, names = _read_split(source, os.path.join(d, spec["images"]), spec)
+        if kind == "folder":
+            check_prompt_names([names[y] for y in sorted(names)], root, "rename or merge one of "
+                               f"them and delete {source} to split the folder again")
     paths = [p for items in splits.values() for p, _ in items]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:

@@ -257,19 +257,16 @@ def load(name, device=None, download_root=None, fp16=False, jit=False):
     return model, preprocess(model.visual.input_resolution)
 
 
-def _to_rgb(image):
-    return image.convert("RGB")
-
-
 def preprocess(n_px):
     """CLIP's test-time transform: RGB, bicubic resize of the short side, centre crop, normalise.
 
     The RGB conversion comes first (openai/CLIP converts after the crop; for RGB input the two
     are identical, and converting first resizes palette images in colour, not by nearest index).
-    Grayscale, palette, RGBA and CMYK images all work."""
+    Every PIL mode works: clip/image.py's to_rgb scales 16-bit and float pixels to 8 bits."""
     from torchvision import transforms  # here, not at import: it costs ~1 s per process
+    from .image import to_rgb
     return transforms.Compose([
-        transforms.Lambda(_to_rgb),
+        transforms.Lambda(to_rgb),
         transforms.Resize(n_px, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(n_px),
         transforms.ToTensor(),

@@ -126,7 +126,8 @@ def configure(args):
 
 
 def expand_images(specs):
-    """Paths, folders (recursive) and globs -> image paths, in the order given."""
+    """Paths, folders (recursive, data.find_images) and globs -> image paths, in the order
+    given, each file once (a glob through a link loop finds the same file under many paths)."""
     paths = []
     for spec in specs:
         if any(c in spec for c in "*?["):
@@ -135,8 +136,7 @@ def expand_images(specs):
             if not found:
                 raise UsageError(f"no file matches {spec!r}")
         elif os.path.isdir(spec):
-            found = sorted(os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
-                           if f.lower().endswith(data.IMAGE_EXTS))
+            found = data.find_images(spec)
             if not found:
                 raise UsageError(f"folder {spec} holds no images "
                                         f"({', '.join(data.IMAGE_EXTS)})")
@@ -145,7 +145,12 @@ def expand_images(specs):
         else:
             raise UsageError(f"{spec} not found (not a file, a folder or a glob)")
         paths += found
-    return paths
+    unique, seen = [], set()
+    for p in paths:
+        if os.path.realpath(p) not in seen:
+            seen.add(os.path.realpath(p))
+            unique.append(p)
+    return unique
 
 
 @torch.no_grad()
