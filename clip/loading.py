@@ -66,7 +66,12 @@ def _sha256(path):
 
 def _download(url, root):
     """Stream `url` into `root`, through a temporary file renamed when complete and verified."""
-    os.makedirs(root, exist_ok=True)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create the download folder {root} ({e.strerror}): pass "
+                            "download_root (train.py: set HOME, or --backbone a downloaded "
+                            "file)") from None
     expected = url.split("/")[-2]
     target = os.path.join(root, os.path.basename(url))
     if os.path.isfile(target):

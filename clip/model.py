@@ -293,7 +293,17 @@ def build_model(state_dict, quick_gelu=True, **overrides):
     other configs, LAION's). `overrides` are CLIP(...) arguments the shapes do not show either
     (`transformer_heads`, `vision_heads`, whose default is OpenAI's width // 64)."""
     sd = {k: v for k, v in state_dict.items() if k not in _SCALAR_KEYS}
-    model = CLIP(**{**config_from_state_dict(sd), **overrides}, quick_gelu=quick_gelu)
+    cfg = {**config_from_state_dict(sd), **overrides}
+    towers = [("transformer_heads", cfg["transformer_width"], cfg["transformer_heads"])]
+    if cfg["vision_patch_size"]:  # a ViT
+        towers.append(("vision_heads", cfg["vision_width"],
+                       cfg.get("vision_heads") or cfg["vision_width"] // 64))
+    for key, width, heads in towers:  # a width under 64 gives 0 heads by OpenAI's rule
+        if heads < 1 or width % heads:
+            raise CheckpointError(f"a width of {width} does not split into {heads} attention "
+                                  f"heads (OpenAI's rule: width // 64): pass the head count, "
+                                  f"clip.build_model(state_dict, {key}=N)")
+    model = CLIP(**cfg, quick_gelu=quick_gelu)
     missing, unexpected = _key_mismatch(model.state_dict(), sd)
     if missing or unexpected:
         raise CheckpointError(
