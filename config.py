@@ -30,7 +30,8 @@ RUN = dict(
     device="cuda" if torch.cuda.is_available() else "cpu",
     precision=None,  # None: amp on a GPU with bf16, else fp32
     out=None, eval_only=False, load=None, resume=False, overwrite=False, stop_after_epoch=None,
-    checkpointing=False)
+    checkpointing=False,
+    eval_every=None)  # learning curves: evaluate both halves every N epochs (None: at the end)
 MODEL_FLAGS = ("n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth",
                "finetune_part", "template", "ensemble")
 
@@ -87,6 +88,9 @@ def make_parser(methods, description):
         "give NaN losses")
     run("--workers", type=number(int, -1, what="0 or more"), help=f"data-loading processes "
         f"(default: {RUN['workers']})")
+    run("--eval-every", type=number(int), metavar="N", help="evaluate both halves every N "
+        "epochs too (and after the last): a learning curve, printed at the end and saved in "
+        "results.json; each point costs one evaluation (default: off)")
     run("--checkpointing", action="store_true", default=None, help="recompute the text encoder "
         "in backward: bounded memory with many classes, ~1/3 more text compute")
     run("--stop-after-epoch", type=number(int), help=argparse.SUPPRESS)  # tests: interruptions

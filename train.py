@@ -124,9 +124,10 @@ def evaluate(model, loader, cfg, amp):
     return 100.0 * correct / total
 
 
-def train(model, loader, cfg, amp):
+def train(model, loader, cfg, amp, evaluate_now=None):
     """SGD on the trainable parameters, get_lr per epoch, cross-entropy plus the model's own
-    loss terms, a resumable checkpoint after each epoch. -> the number of epochs completed."""
+    loss terms, a resumable checkpoint after each epoch; every cfg["eval_every"] epochs a point
+    of the learning curve, evaluate_now()'s accuracies. -> (epochs completed, the curve)."""
     params = [p for p in model.parameters() if p.requires_grad]
     # Momentum 0.9 and weight decay 5e-4 are Dassl's defaults; no official config changes them.
     optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=5e-4)
@@ -135,11 +136,12 @@ def train(model, loader, cfg, amp):
     step_model = torch.nn.parallel.DistributedDataParallel(model) if cfg["world_size"] > 1 \
         else model
     ckpt_path, start, epochs = os.path.join(cfg["out"], "checkpoint.pt"), 0, cfg["epochs"]
+    curve = []  # [{"epoch": e, "base": .., "new": .., "hm": .., "seconds": ..}, ...]
     if cfg["resume"]:  # the checkpoint's settings were checked by runs.prepare
         ckpt = runs.read(ckpt_path, keys=("learned", "config", "optimizer", "epoch"))
         runs.load_learned(model, ckpt["learned"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
-        start = ckpt["epoch"]
+        start, curve = ckpt["epoch"], ckpt.get("curve", [])
         print(f"resumed from {ckpt_path} after epoch {start}")
     last = min(epochs, cfg["stop_after_epoch"] or epochs)  # --stop-after-epoch: tests
     n, t0 = len(loader), time.time()
@@ -176,10 +178,49 @@ def train(model, loader, cfg, amp):
             optimizer.step()
         if hasattr(model, "end_epoch"):
             model.end_epoch(epoch, epochs)
+        if evaluate_now and cfg["eval_every"] and ((epoch + 1) % cfg["eval_every"] == 0 or
+                                                   epoch + 1 == epochs):
+            t = time.time()  # a learning-curve point: the seeds above keep it out of training
+            curve.append({"epoch": epoch + 1, **evaluate_now(),
+                          "seconds": round(time.time() - t, 2)})
         if runs.rank() == 0:
             runs.save(ckpt_path, learned=runs.learned_state(model),
-                      optimizer=optimizer.state_dict(), epoch=epoch + 1, config=cfg)
-    return max(start, last)
+                      optimizer=optimizer.state_dict(), epoch=epoch + 1, config=cfg, curve=curve)
+    return max(start, last), curve
+
+
+def build_models(cfg, halves):
+    """The frozen CLIP and one model per class half on it (a --load'ed run's learned tensors in
+    the first); every class's prompt is built, so checked, before any training."""
+    torch.manual_seed(cfg["seed"])  # the global generator: the prompts' initialisation
+    clip_model, _ = clip.load(cfg["backbone"], cfg["device"], fp16=cfg["precision"] == "fp16")
+    if clip_model.vocab_size != clip.tokenizer.EOT_TOKEN + 1:  # the prompts' ids would not fit
+        raise UsageError(f"--backbone {cfg['backbone']} has a vocabulary of "
+                         f"{clip_model.vocab_size:,} tokens; the prompts are tokenized with "
+                         f"OpenAI's BPE ({clip.tokenizer.EOT_TOKEN + 1:,} tokens): pass a CLIP "
+                         "trained with it")
+    for block in clip_model.transformer.resblocks:  # opt-in, see clip/model.py
+        block.checkpoint = cfg["checkpointing"]
+    models = {name: build_model(cfg, clip_model, half) for name, half in halves.items()}
+    first = next(iter(models.values()))
+    saved = runs.read_run(cfg["load"]) if cfg["load"] else None
+    check_classes(first, cfg, halves, saved and saved["classnames"])
+    if saved:  # --eval-only --load: the training run's learned tensors
+        runs.load_learned(first, saved["learned"], cfg["load"])
+    return clip_model, models
+
+
+def evaluate_halves(model, models, loaders, cfg, amp):
+    """The accuracy of each half's model with `model`'s learned tensors (base2new: the new
+    half's model gets the base half's prompts), and H = 2*B*N/(B+N)."""
+    accuracy = {}
+    for name, half_model in models.items():
+        runs.load_learned(half_model, runs.learned_state(model), "the trained model")
+        accuracy[name] = evaluate(half_model, loaders[name], cfg, amp)
+    if "new" in accuracy:  # harmonic mean
+        b, n = accuracy["base"], accuracy["new"]
+        accuracy["hm"] = 2 * b * n / (b + n) if b + n else 0.0
+    return accuracy
 
 
 def main(argv=None):
@@ -203,24 +244,12 @@ def main(argv=None):
         trained = next(iter(halves.values()))  # the half the method learns from
         print(*halves.values(), f"few-shot images: {ds.source}", sep="\n")
         recipe = METHODS[cfg["method"]]
-        fits, sgd = hasattr(recipe.model, "fit"), "lr" in recipe.defaults
-        data.check(halves, train=(fits or sgd) and not cfg["eval_only"], val=fits)
+        fits, sgd = hasattr(recipe.model, "fit"), "lr" in recipe.defaults  # closed form, SGD
+        learns = (fits or sgd) and not cfg["eval_only"]
+        data.check(halves, train=learns, val=fits)
         # ---- model: one per half, built now, so that every class's prompt is checked
-        torch.manual_seed(cfg["seed"])  # the global generator: the prompts' initialisation
-        clip_model, _ = clip.load(cfg["backbone"], cfg["device"], fp16=cfg["precision"] == "fp16")
-        if clip_model.vocab_size != clip.tokenizer.EOT_TOKEN + 1:  # the prompts' ids would not fit
-            raise UsageError(f"--backbone {cfg['backbone']} has a vocabulary of "
-                             f"{clip_model.vocab_size:,} tokens; the prompts are tokenized with "
-                             f"OpenAI's BPE ({clip.tokenizer.EOT_TOKEN + 1:,} tokens): pass a "
-                             "CLIP trained with it")
-        for block in clip_model.transformer.resblocks:  # opt-in, see clip/model.py
-            block.checkpoint = cfg["checkpointing"]
-        models = {name: build_model(cfg, clip_model, half) for name, half in halves.items()}
-        model = next(iter(models.values()))
-        learned_for = runs.read_run(cfg["load"])["classnames"] if cfg["load"] else None
-        check_classes(model, cfg, halves, learned_for)
-        if cfg["load"]:  # --eval-only --load: the training run's learned tensors
-            runs.load_learned(model, runs.read_run(cfg["load"])["learned"], cfg["load"])
+        clip_model, models = build_models(cfg, halves)
+        model = next(iter(models.values()))  # the one that learns: the first half's
         amp = torch.autocast(torch.device(cfg["device"]).type, dtype=torch.bfloat16,
                              enabled=cfg["precision"] == "amp")
 
@@ -233,43 +262,47 @@ def main(argv=None):
         print("trainable parameters:", ", ".join(f"{k} {tuple(p.shape)}" for k, p in
               trainable[:8]), "..." * (len(trainable) > 8),
               f"= {sum(p.numel() for _, p in trainable):,}")
-        loaders, t0 = [], time.time()
-        if fits and not cfg["eval_only"]:  # closed form, on un-augmented images (lpclip)
-            loaders = [loader(trained.train, cfg["eval_batch_size"], train=False),
-                       loader(trained.val, cfg["eval_batch_size"], train=False)]
+        tests = {name: loader(half.test, cfg["eval_batch_size"], train=False)
+                 for name, half in halves.items()}
+        loaders, curve, t0 = list(tests.values()), [], time.time()
+        if learns and fits:  # closed form, on un-augmented images (lpclip)
+            loaders += [loader(trained.train, cfg["eval_batch_size"], train=False),
+                        loader(trained.val, cfg["eval_batch_size"], train=False)]
             with amp:
-                model.fit(*loaders)
-        elif sgd and not cfg["eval_only"]:
-            loaders = [loader(trained.train, cfg["batch_size"], train=True)]
-            if train(model, loaders[0], cfg, amp) < cfg["epochs"]:  # --stop-after-epoch
-                print(f"stopped after epoch {cfg['stop_after_epoch']}; --resume continues")
+                model.fit(*loaders[-2:])
+        elif learns:
+            loaders.append(loader(trained.train, cfg["batch_size"], train=True))
+            done, curve = train(model, loaders[-1], cfg, amp,
+                                lambda: evaluate_halves(model, models, tests, cfg, amp))
+            if done < cfg["epochs"]:  # --stop-after-epoch
+                print(f"stopped after epoch {done}; --resume continues")
                 return None
         train_seconds = time.time() - t0
-        if loaders and runs.rank() == 0:  # what was learned, and how to rebuild its model
+        if learns and runs.rank() == 0:  # what was learned, and how to rebuild its model
             runs.save(os.path.join(cfg["out"], "learned.pt"), learned=runs.learned_state(model),
                       config=cfg, classnames=trained.classnames)
-        # ---- evaluate each half with the learned tensors
-        accuracy = {}
-        for name, half in halves.items():
-            runs.load_learned(models[name], runs.learned_state(model), "the trained model")
-            loaders.append(loader(half.test, cfg["eval_batch_size"], train=False))
-            accuracy[name] = evaluate(models[name], loaders[-1], cfg, amp)
-            print(f"* {name} accuracy: {accuracy[name]:.2f}%")
-        if "new" in accuracy:  # harmonic mean H = 2*B*N/(B+N)
-            b, n = accuracy["base"], accuracy["new"]
-            accuracy["hm"] = 2 * b * n / (b + n) if b + n else 0.0
-        # ---- results
-        skipped = sorted(set().union(*(ld.skipped for ld in loaders)))
-        results = {k: cfg[k] for k in ("method", "dataset", "backbone", "shots", "seed",
-                                       "protocol")}
-        results.update(accuracy=accuracy, train_seconds=round(train_seconds, 1),
-                       skipped_images=len(skipped), fewshot_source=ds.source, config=cfg)
-        if runs.rank() == 0:
-            runs.save_json(os.path.join(cfg["out"], "results.json"), results)
-        print(f"{cfg['method']} | {cfg['dataset']} | " + " ".join(
-            f"{k} {v:.2f}" for k, v in accuracy.items()) + f" | train {train_seconds:.0f}s | "
-            f"skipped images {len(skipped)} | {cfg['out']}")
-        return results
+        accuracy = evaluate_halves(model, models, tests, cfg, amp)
+        print(*(f"* {name} accuracy: {a:.2f}%" for name, a in accuracy.items()), sep="\n")
+        return report(cfg, accuracy, curve, train_seconds, loaders, ds.source)
+
+
+def report(cfg, accuracy, curve, train_seconds, loaders, fewshot_source):
+    """results.json and the summary line (rank 0 writes); -> the results dict."""
+    skipped = sorted(set().union(*(ld.skipped for ld in loaders)))
+    results = {k: cfg[k] for k in ("method", "dataset", "backbone", "shots", "seed", "protocol")}
+    results.update(accuracy=accuracy, train_seconds=round(train_seconds, 1),
+                   skipped_images=len(skipped), fewshot_source=fewshot_source, config=cfg)
+    if curve:  # --eval-every: the learning curve, and what its evaluations cost
+        results["curve"] = curve
+        print("learning curve (accuracy % after the epoch):", *(
+            f"epoch {p['epoch']}: " + " ".join(f"{k} {p[k]:.1f}" for k in accuracy) +
+            f" ({p['seconds']:.1f} s to evaluate)" for p in curve), sep="\n  ")
+    if runs.rank() == 0:
+        runs.save_json(os.path.join(cfg["out"], "results.json"), results)
+    print(f"{cfg['method']} | {cfg['dataset']} | " + " ".join(
+        f"{k} {v:.2f}" for k, v in accuracy.items()) + f" | train {train_seconds:.0f}s | "
+        f"skipped images {len(skipped)} | {cfg['out']}")
+    return results
 
 
 def check_classes(model, cfg, halves, learned_for):

@@ -21,7 +21,7 @@ def config(*argv):
 # epochs, MaPLe depth 3 and lr 0.002, fine-tuning 50 epochs; CoOp under base2new uses the CoCoOp
 # paper's CoOp setting (4 context tokens from "a photo of a").
 TOY = {
-    "coop": dict(lr=0.002, epochs=50, batch_size=32, n_ctx=4, ctx_init="a photo of a",
+    "coop": dict(lr=0.002, epochs=200, batch_size=32, n_ctx=4, ctx_init="a photo of a",
                  csc=False, class_token_position="end"),
     "cocoop": dict(lr=0.002, epochs=10, batch_size=1, n_ctx=4, ctx_init="a photo of a"),
     "maple": dict(lr=0.002, epochs=5, batch_size=4, n_ctx=2, ctx_init="a photo of a",
