@@ -17,9 +17,9 @@ def config(*argv):
     return resolve(*argv)
 
 
-# The toy run's settings as the README documents them: the papers' recipes except CoOp 50
-# epochs, MaPLe depth 3 and lr 0.002, fine-tuning 50 epochs; CoOp under base2new uses the CoCoOp
-# paper's CoOp setting (4 context tokens from "a photo of a").
+# The toy run's settings as the README documents them: the papers' recipes except MaPLe depth 3
+# and lr 0.002, fine-tuning 50 epochs; CoOp under base2new uses the CoCoOp paper's CoOp setting
+# (200 epochs, 4 context tokens from "a photo of a").
 TOY = {
     "coop": dict(lr=0.002, epochs=200, batch_size=32, n_ctx=4, ctx_init="a photo of a",
                  csc=False, class_token_position="end"),
