@@ -73,3 +73,22 @@ def test_toy_check_passes_the_story_and_names_each_failed_check(tmp_path, capsys
                       "cocoop: mean new >= CoOp's + 3", "cocoop: mean H > CoOp's",
                       "maple: mean H > CoOp's", "finetune: mean new < zero-shot"]
     assert "7 failed check(s) over seeds 1 2" in capsys.readouterr().out
+
+
+def test_summarise_averages_curves_over_seeds(tmp_path):
+    from tools import summarise
+    for seed, news in ((1, (80, 70)), (2, (90, 74))):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        curve = [dict(epoch=e, base=99.0, new=n, hm=hm(99.0, n)) for e, n in zip((10, 20), news)]
+        (folder / "results.json").write_text(json.dumps(dict(
+            method="coop", dataset="toy", protocol="base2new", shots=16, seed=seed, backbone="toy",
+            accuracy=curve[-1], curve=curve)))
+    text = summarise.summarise(str(tmp_path))
+    rows = text[text.index("### learning curve: coop, toy"):].splitlines()
+    assert rows[4].startswith("| 10 | 2 | 99.00 ± 0.00 | 85.00 ± 5.00 |")
+    assert rows[5].startswith("| 20 | 2 | 99.00 ± 0.00 | 72.00 ± 2.00 |")
+
+
+def hm(b, n):
+    return 2 * b * n / (b + n)

@@ -11,7 +11,9 @@ parse_test_res.py; --ci95: 1.96 * std / sqrt(n)). Tables:
              averaged base and new (the CoCoOp and MaPLe papers' "Average over 11 datasets");
   fewshot    rows datasets, columns shot counts (the CoOp paper's few-shot curves as a table);
   transfer   --eval-only --load runs (cross-dataset and domain generalisation): rows methods,
-             the source dataset, then each target dataset and the target average.
+             the source dataset, then each target dataset and the target average;
+  curves     runs with a learning curve (train.py --eval-every): each epoch's accuracies,
+             averaged over the seeds.
 Datasets appear in the papers' order (PAPER_ORDER), others after them.
 """
 import argparse
@@ -183,6 +185,24 @@ def transfer_tables(groups, ci95):
     return out
 
 
+def curve_tables(groups, ci95):
+    """Learning curves (train.py --eval-every): per method and dataset, each epoch's accuracies
+    averaged over the seeds whose curve has that epoch."""
+    out = []
+    for (method, bb, shots, opts), by_ds in sorted(groups.items()):
+        for ds in order(by_ds):
+            curves = [r["curve"] for r in by_ds[ds] if r.get("curve")]
+            if not curves:
+                continue
+            keys = [k for k in ("base", "new", "hm", "all") if k in curves[0][0]]
+            epochs = sorted({p["epoch"] for c in curves for p in c})
+            rows = [[e, len(at)] + [cell(stat([p[k] for p in at], ci95)) for k in keys]
+                    for e in epochs for at in [[p for c in curves for p in c if p["epoch"] == e]]]
+            out.append(f"### learning curve: {method}, {ds}, {bb}, {shots} shots{opts}\n\n" +
+                       table(["epoch", "seeds"] + [{"hm": "H"}.get(k, k) for k in keys], rows))
+    return out
+
+
 def summarise(folder, ci95=False):
     """The Markdown tables for every run below `folder`."""
     runs = find_results(folder)
@@ -210,6 +230,11 @@ def summarise(folder, ci95=False):
     spread = "95% confidence interval" if ci95 else "population std"
     parts = [f"{len(runs)} runs below {folder}; mean ± {spread} over seeds"]
     parts += base2new_tables(b2n, ci95) + fewshot_tables(few, ci95) + transfer_tables(xfer, ci95)
+    curves = {}
+    for r in runs.values():
+        curves.setdefault((r["method"], backbone(r.get("backbone", "?")), r["shots"], ""),
+                          {}).setdefault(r["dataset"], []).append(r)
+    parts += curve_tables(curves, ci95)
     return "\n\n".join(parts) + "\n"
 
 
