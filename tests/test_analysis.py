@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import coop
 import data
 import train
+import zeroshot
 from conftest import folder_dataset, make_tiny_clip
 from tools import conditioning, distortion
 
@@ -142,6 +143,14 @@ def test_cocoop_class_features_are_the_ones_its_forward_scores(toy):
         logits = model.clip_model.logit_scale.exp() * torch.einsum("be,bne->bn", f, g)
         assert torch.allclose(logits, model(images), atol=1e-4)
     assert not torch.allclose(g[0], g[1])  # per image: the mean over images is not trivial
+    # distortion.py's w_i for CoCoOp: the mean over all the half's test images, normalised
+    images = next(iter(data.make_loader(halves["new"].test, 32, 1000, False)))[0]
+    with torch.no_grad():
+        w = F.normalize(distortion.cocoop_class_features(model, images).mean(0), dim=-1)
+        w_clip = zeroshot.ZeroShot(model.clip_model, halves["new"].classnames,
+                                   halves["new"].template).text_features()  # (n, E)
+    d = toy["report"]["runs"][3]["halves"]["new"]["distance"]
+    assert torch.allclose(1 - (w * w_clip).sum(-1), torch.tensor(d), atol=1e-5)
 
 
 def test_summary_correlation_json_and_plot_without_matplotlib(toy):
