@@ -47,6 +47,8 @@ parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="CoCoOp train.py 
 parser.add_argument("--root", help="the data root, when the runs' data moved (default: the "
                     "root each run saved)")
 parser.add_argument("--device", default=train.RUN["device"])
+parser.add_argument("--workers", type=int, default=train.RUN["workers"],
+                    help=f"data-loading processes (default: {train.RUN['workers']})")
 parser.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
 
 
@@ -71,10 +73,10 @@ def predict(model, loader, device, pi=None):
     return torch.cat(predictions), torch.cat(labels), torch.cat(seen)  # (N,), (N,), (N, D)
 
 
-def measure_half(model, ds, n_px, batch_size, device):
+def measure_half(model, ds, n_px, batch_size, device, workers=0):
     """One half's test images: norms of both parts of the context, accuracy under each pi."""
     model.eval()
-    loader = data.make_loader(ds.test, n_px, batch_size, False)
+    loader = data.make_loader(ds.test, n_px, batch_size, False, workers)
     trained, labels, pis = predict(model, loader, device)  # pis: (N, D)
     pibar = pis.mean(dim=0)  # (D,)
     mean_pred = predict(model, loader, device, pibar)[0]  # (N,)
@@ -103,8 +105,8 @@ def measure(path, args):
     models, n_px = rebuild(cfg, state, halves, args.device)
     return dict(run=path, **{k: cfg[k] for k in ("method", "dataset", "backbone", "seed",
                                                  "epochs")},
-                halves={k: measure_half(models[k], ds, n_px, cfg["eval_batch_size"], args.device)
-                        for k, ds in halves.items()})
+                halves={k: measure_half(models[k], ds, n_px, cfg["eval_batch_size"], args.device,
+                                        args.workers) for k, ds in halves.items()})
 
 
 def print_run(r):

@@ -63,6 +63,8 @@ parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py output 
 parser.add_argument("--root", help="the data root, when the runs' data moved (default: the "
                     "root each run saved)")
 parser.add_argument("--device", default=train.RUN["device"])
+parser.add_argument("--workers", type=int, default=train.RUN["workers"],
+                    help=f"data-loading processes (default: {train.RUN['workers']})")
 parser.add_argument("--max-rows", type=int, default=20, help="classes listed per half, most "
                     "distorted first (default 20; --json has all)")
 parser.add_argument("--max-matrix", type=int, default=20, help="print the confusion matrices "
@@ -123,7 +125,7 @@ def cocoop_class_features(model, images):
 
 
 @torch.no_grad()
-def evaluate_half(model, ds, n_px, batch_size, device):
+def evaluate_half(model, ds, n_px, batch_size, device, workers=0):
     """The test images of `ds` through `model` -> (confusion (n, n), class embeddings (n, E))."""
     static = hasattr(model, "text_features")
     if not static and not isinstance(model, cocoop.CoCoOp):
@@ -133,7 +135,7 @@ def evaluate_half(model, ds, n_px, batch_size, device):
     g = model.text_features() if static else 0  # (n, E); CoCoOp: a sum over the images
     n = len(ds.classnames)
     confusion = torch.zeros(n * n, dtype=torch.long)
-    for images, labels in data.make_loader(ds.test, n_px, batch_size, False):
+    for images, labels in data.make_loader(ds.test, n_px, batch_size, False, workers):
         images = images.to(device)  # (B, 3, n_px, n_px)
         logits = model(images, text_features=g) if static else model(images)  # (B, n)
         confusion += torch.bincount(labels * n + logits.argmax(dim=-1).cpu(), minlength=n * n)
@@ -144,24 +146,30 @@ def evaluate_half(model, ds, n_px, batch_size, device):
     return confusion.view(n, n), F.normalize(g, dim=-1).float().cpu()  # (n, n), (n, E)
 
 
+def zero_shot(cfg, halves, args):
+    """Zero-shot CLIP with the dataset's template, on its own load of the run's backbone ->
+    {half: (confusion, class embeddings w^clip)}."""
+    clip_model, _ = clip.load(cfg["backbone"], args.device)
+    n_px = clip_model.visual.input_resolution
+    return {k: evaluate_half(zeroshot.ZeroShot(clip_model, ds.classnames, ds.template), ds,
+                             n_px, cfg["eval_batch_size"], args.device, args.workers)
+            for k, ds in halves.items()}
+
+
 def measure(path, args, zero_shot_cache):
     """One run: per half the distances, ranks, confusion matrices, accuracies -> a dict."""
     cfg, state = open_run(path)
     halves = read_halves(cfg, args.root)
     key = (cfg["backbone"], cfg["dataset"], args.root or cfg["root"], cfg["protocol"])
     if key not in zero_shot_cache:  # zero-shot CLIP on the same halves, once per dataset
-        clip_model, _ = clip.load(cfg["backbone"], args.device)
-        n_px = clip_model.visual.input_resolution
-        zero_shot_cache[key] = {k: evaluate_half(zeroshot.ZeroShot(clip_model, ds.classnames,
-                                                               ds.template), ds, n_px,
-                                             cfg["eval_batch_size"], args.device)
-                                for k, ds in halves.items()}
+        zero_shot_cache[key] = zero_shot(cfg, halves, args)
     models, n_px = rebuild(cfg, state, halves, args.device)
     out = dict(run=path, **{k: cfg[k] for k in ("method", "dataset", "backbone", "seed",
                                                 "protocol")}, halves={},
                epochs=0 if cfg["method"] == "zeroshot" else cfg["epochs"])
     for name, ds in halves.items():
-        confusion, w = evaluate_half(models[name], ds, n_px, cfg["eval_batch_size"], args.device)
+        confusion, w = evaluate_half(models[name], ds, n_px, cfg["eval_batch_size"],
+                                     args.device, args.workers)
         zs_confusion, w_clip = zero_shot_cache[key][name]
         d = 1 - (w * w_clip).sum(dim=-1)  # (n,)   d_i = 1 - cos(w_i, w_i^clip)
         rank = torch.empty(len(d), dtype=torch.long)
