@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import coop
 import data
+import runs
 import train
 import zeroshot
 from conftest import folder_dataset, make_tiny_clip
@@ -207,11 +208,11 @@ def test_most_pulled_and_abbreviations():
 
 
 def test_bad_run_folders_get_clear_errors(toy, tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no learned.pt"):
+    with pytest.raises(runs.UsageError, match="holds no learned.pt"):
         distortion.main([str(tmp_path), "--device", "cpu"])
-    with pytest.raises(ValueError, match="measures CoCoOp's meta-net"):
+    with pytest.raises(runs.UsageError, match="measures CoCoOp's meta-net"):
         conditioning.main([toy["coop1"], "--device", "cpu"])
-    with pytest.raises(ValueError, match="name a .json file"):
+    with pytest.raises(runs.UsageError, match="name a .json file"):
         distortion.main([toy["zs"], "--json", str(tmp_path / "x.txt")])
 
 

@@ -37,8 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import config  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
+from runs import UsageError  # noqa: E402
 from tools.distortion import open_run, read_halves, rebuild  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -46,9 +48,9 @@ parser = argparse.ArgumentParser(description=__doc__,
 parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="CoCoOp train.py output folders")
 parser.add_argument("--root", help="the data root, when the runs' data moved (default: the "
                     "root each run saved)")
-parser.add_argument("--device", default=train.RUN["device"])
-parser.add_argument("--workers", type=int, default=train.RUN["workers"],
-                    help=f"data-loading processes (default: {train.RUN['workers']})")
+parser.add_argument("--device", default=config.RUN["device"])
+parser.add_argument("--workers", type=int, default=config.RUN["workers"],
+                    help=f"data-loading processes (default: {config.RUN['workers']})")
 parser.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
 
 
@@ -99,7 +101,7 @@ def measure_half(model, ds, n_px, batch_size, device, workers=0):
 def measure(path, args):
     cfg, state = open_run(path)
     if cfg["method"] != "cocoop":
-        raise ValueError(f"{path} holds {cfg['method']} prompts: tools/conditioning.py measures "
+        raise UsageError(f"{path} holds {cfg['method']} prompts: tools/conditioning.py measures "
                          "CoCoOp's meta-net (train.py --method cocoop)")
     halves = read_halves(cfg, args.root)
     models, n_px = rebuild(cfg, state, halves, args.device)
@@ -132,9 +134,9 @@ def print_run(r):
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.json and not args.json.endswith(".json"):
-        raise ValueError(f"--json {args.json}: name a .json file")
+        raise UsageError(f"--json {args.json}: name a .json file")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+        raise UsageError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
     results = []
     for path in args.runs:
         results.append(measure(path, args))

@@ -52,8 +52,10 @@ import torch.nn.functional as F  # noqa: E402
 import clip  # noqa: E402
 import cocoop  # noqa: E402
 import data  # noqa: E402
+import config  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
+from runs import UsageError  # noqa: E402
 import zeroshot  # noqa: E402
 from tools.predict import load_prompts  # noqa: E402
 
@@ -62,9 +64,9 @@ parser = argparse.ArgumentParser(description=__doc__,
 parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py output folders")
 parser.add_argument("--root", help="the data root, when the runs' data moved (default: the "
                     "root each run saved)")
-parser.add_argument("--device", default=train.RUN["device"])
-parser.add_argument("--workers", type=int, default=train.RUN["workers"],
-                    help=f"data-loading processes (default: {train.RUN['workers']})")
+parser.add_argument("--device", default=config.RUN["device"])
+parser.add_argument("--workers", type=int, default=config.RUN["workers"],
+                    help=f"data-loading processes (default: {config.RUN['workers']})")
 parser.add_argument("--max-rows", type=int, default=20, help="classes listed per half, most "
                     "distorted first (default 20; --json has all)")
 parser.add_argument("--max-matrix", type=int, default=20, help="print the confusion matrices "
@@ -87,12 +89,12 @@ def open_run(path):
         try:
             cfg = json.load(f)["config"]
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{results} is not a results.json written by train.py") from None
+            raise UsageError(f"{results} is not a results.json written by train.py") from None
     if cfg.get("load"):
-        raise ValueError(f"{path} is an --eval-only run: pass the training run it loaded, "
+        raise UsageError(f"{path} is an --eval-only run: pass the training run it loaded, "
                          f"{cfg['load']}")
     if cfg["method"] != "zeroshot":
-        raise ValueError(f"{path} holds no learned.pt: pass a finished training run's folder")
+        raise UsageError(f"{path} holds no learned.pt: pass a finished training run's folder")
     return cfg, None
 
 
@@ -109,8 +111,10 @@ def rebuild(cfg, state, halves, device):
     them -> ({half: model}, input resolution)."""
     clip_model, _ = clip.load(cfg["backbone"], device)
     cfg = dict(cfg, device=device)
-    return {k: train.build_model(cfg, clip_model, ds, state) for k, ds in halves.items()}, \
-        clip_model.visual.input_resolution
+    models = {k: train.build_model(cfg, clip_model, ds) for k, ds in halves.items()}
+    for model in models.values() if state is not None else ():
+        runs.load_learned(model, state, cfg.get("out", "learned.pt"))
+    return models, clip_model.visual.input_resolution
 
 
 def cocoop_class_features(model, images):
@@ -129,7 +133,7 @@ def evaluate_half(model, ds, n_px, batch_size, device, workers=0):
     """The test images of `ds` through `model` -> (confusion (n, n), class embeddings (n, E))."""
     static = hasattr(model, "text_features")
     if not static and not isinstance(model, cocoop.CoCoOp):
-        raise ValueError(f"{type(model).__name__} has no class text embeddings to compare with "
+        raise UsageError(f"{type(model).__name__} has no class text embeddings to compare with "
                          "the template's")
     model.eval()
     g = model.text_features() if static else 0  # (n, E); CoCoOp: a sum over the images
@@ -320,11 +324,11 @@ def plot(results, path):
 def main(argv=None):
     args = parser.parse_args(argv)
     if args.json and not args.json.endswith(".json"):
-        raise ValueError(f"--json {args.json}: name a .json file")
+        raise UsageError(f"--json {args.json}: name a .json file")
     if args.plot and not args.plot.endswith(".png"):
-        raise ValueError(f"--plot {args.plot}: name a .png file")
+        raise UsageError(f"--plot {args.plot}: name a .png file")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+        raise UsageError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
     cache = {}
     results = []
     for path in args.runs:
