@@ -9,6 +9,8 @@ import clip
 import config
 import data
 import train
+import zeroshot
+from conftest import resolve
 
 NAMES = ["circle", "square", "star", "heart", "moon", "arrow"]
 
@@ -95,3 +97,21 @@ def test_evaluation_runs_the_text_tower_once_or_once_per_batch(method, per_batch
         assert calls == [2 * len(NAMES)] * 3  # B * n_cls prompts in one pass per batch
     else:
         assert calls == [len(NAMES)]  # n_cls prompts, once
+
+
+@pytest.mark.parametrize("argv, prompts", [
+    (["--template", "an outline of a {}."], ["an outline of a circle ."]),
+    (["--ensemble"], [t.format("circle").replace(".", " .") for t in
+                      zeroshot.ENSEMBLE_TEMPLATES + [clip.PHOTO]]),
+    (["--ensemble", "--template", "a {} shape."], ["a circle shape ."]),
+])
+@pytest.mark.parametrize("method", ["zeroshot", "finetune"])
+def test_template_and_ensemble_reach_the_model(method, argv, prompts, toy_clip):
+    """The command line's templates are the ones the built model tokenises."""
+    if method == "finetune" and "--ensemble" in argv:
+        return  # fine-tuning has one template; --ensemble is zero-shot's (refused: test_train)
+    cfg = resolve("--method", method, "--device", "cpu", *argv)
+    model = train.build_model(cfg, toy_clip, data.Dataset("toy", NAMES, [], [], [], clip.PHOTO))
+    tokens = model.tokens if model.tokens.dim() == 3 else model.tokens[None]  # (T, n_cls, L)
+    got = [clip.decode(t[0]) for t in tokens]  # each template's prompt for the first class
+    assert got[-len(prompts):] == prompts and len(got) == (8 if "--ensemble" in argv else 1)
