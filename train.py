@@ -34,8 +34,10 @@ import coop
 import data
 import finetune
 import ivlp
+import kgcoop
 import linearprobe
 import maple
+import promptsrc
 import runs
 import zeroshot
 from toy import world
@@ -44,6 +46,7 @@ from toy import world
 # learns is its state minus the frozen clip_model (learned_state).
 METHODS = {"zeroshot": (zeroshot, zeroshot.ZeroShot), "coop": (coop, coop.CoOp),
            "cocoop": (cocoop, cocoop.CoCoOp), "maple": (maple, maple.MaPLe),
+           "kgcoop": (kgcoop, kgcoop.KgCoOp), "promptsrc": (promptsrc, promptsrc.PromptSRC),
            "finetune": (finetune, finetune.FineTune),
            "linearprobe": (linearprobe, linearprobe.LinearProbe)}
 METHODS.update({m: (types.SimpleNamespace(DEFAULTS=d), ivlp.IVLP)
@@ -234,18 +237,24 @@ def train(model, loader, cfg, amp):
             with amp:
                 logits = step_model(images)  # (B, n_cls); DDP: (B / world_size, n_cls)
             loss = F.cross_entropy(logits.float(), labels)
+            # the method's own loss terms for this batch (KgCoOp, PromptSRC), already weighted
+            terms = model.loss_terms() if hasattr(model, "loss_terms") else {}
+            loss = loss + sum(terms.values())
             if (i + 1) % cfg["print_freq"] == 0 or n < cfg["print_freq"] or \
                     not torch.isfinite(loss):
                 acc = 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
                 done = (epoch - start) * n + i + 1
                 eta = (time.time() - t0) / done * ((E - start) * n - done)
                 print(f"epoch [{epoch + 1}/{E}] batch [{i + 1}/{n}] loss {loss.item():.4f} "
+                      + "".join(f"{k} {v.item():.4f} " for k, v in terms.items()) +
                       f"acc {acc:.1f} lr {lr:.4e} eta {datetime.timedelta(seconds=round(eta))}")
             if not torch.isfinite(loss):  # as Dassl: stop, do not train on
                 raise FloatingPointError(runs.non_finite(loss, epoch, i, n, cfg, ckpt_path))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if hasattr(model, "end_epoch"):  # the method's end-of-epoch step (PromptSRC's GPA)
+            model.end_epoch(epoch, E)
         if runs.rank() == 0:
             runs.save(ckpt_path, learned=runs.learned_state(model),
                       optimizer=optimizer.state_dict(), epoch=epoch + 1, config=cfg)
