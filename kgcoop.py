@@ -75,8 +75,11 @@ KGCOOP_TEMPLATES = {"{} texture.": "a photo of a {}, a type of texture."}
 
 
 class PromptLearner(nn.Module):
-    """The learned context vectors and the frozen token embeddings around them (CoOp's, with
-    unified context and the class name at the end: all that KgCoOp's forward builds)."""
+    """The learned context vectors and the frozen token embeddings around them.
+
+    NOTE(official code): CoOp's, less its variants: KgCoOp's forward always puts the class name
+    at the end (it reads CLASS_TOKEN_POSITION and ignores it) and its scripts use unified
+    context (CSC=False), so there is no `csc` and no `class_token_position` here."""
 
     def __init__(self, clip_model, classnames, n_ctx=4, ctx_init="a photo of a"):
         super().__init__()
@@ -85,12 +88,15 @@ class PromptLearner(nn.Module):
         classnames = [name.replace("_", " ") for name in classnames]
         self.n_cls = len(classnames)
 
+        # notes: "什么是上下文" -- the context replaces the words of "a photo of a {}.".
         if ctx_init:
             # NOTE(official code): KgCoOp reads CTX_INIT as a flag and always starts from "a
-            # photo of a"; here the words are an option (default those), counted in BPE tokens
-            # as in coop.py, so n_ctx is their length.
+            # photo of a"; here the words are an option, with those as the default.
             ctx_init = ctx_init.replace("_", " ")
             init_ids = encode(ctx_init)
+            # NOTE(simplification): the official code sets n_ctx to the number of words and
+            # assumes one BPE token per word; counting tokens is the same for "a photo of a"
+            # (320, 1125, 539, 320) and keeps a multi-token word whole in the context.
             n_ctx = len(init_ids)
             with torch.no_grad():
                 ids = torch.tensor(init_ids, device=embedding.weight.device)
@@ -99,9 +105,15 @@ class PromptLearner(nn.Module):
         else:
             ctx = torch.empty(n_ctx, D, device=embedding.weight.device)
             nn.init.normal_(ctx, std=0.02)  # the token embeddings' own scale (std 0.02)
-            prefix_text = " ".join(["X"] * n_ctx)  # placeholders: the EOT lands where it will be
+            # Placeholder words: "X X ... X {class}." tokenises to exactly the positions of the
+            # final prompt, so token_suffix lines up after the context and the EOT position
+            # (where the text feature is read) is where it will be.
+            prefix_text = " ".join(["X"] * n_ctx)
         self.n_ctx = n_ctx
-        # Learned tensors are fp32; the frozen CLIP casts them to its dtype where they enter it.
+        # Precision, the same in every method file here: learned tensors are fp32 and the
+        # frozen CLIP casts them to its own dtype where they enter it (fp16 after
+        # clip.load(fp16=True)). NOTE(simplification): the official fp16 mode keeps ctx in fp16
+        # and lets SGD update fp16 values directly.
         self.ctx = nn.Parameter(ctx)  # (n_ctx, D)
 
         prompts = [f"{prefix_text} {name}." for name in classnames]
@@ -109,18 +121,21 @@ class PromptLearner(nn.Module):
         tokens = clip.tokenize(prompts, clip_model.context_length)  # (n_cls, L)
         with torch.no_grad():
             embedded = embedding(tokens.to(embedding.weight.device)).float()  # (n_cls, L, D)
-        # Frozen, class-name-dependent pieces, kept out of state_dict() (persistent=False): a
-        # checkpoint holds only ctx and loads into a model built for other classes.
+        # Frozen pieces around the context: SOS, then class tokens, ".", EOT and padding. They
+        # depend on the class names, so persistent=False keeps them out of state_dict(): a
+        # checkpoint holds only ctx and loads into a model built for other classes (base ->
+        # new, cross-dataset). The official code saves them and deletes them again on load.
         self.register_buffer("token_prefix", embedded[:, :1], persistent=False)  # (n_cls, 1, D)
         self.register_buffer("token_suffix", embedded[:, 1 + n_ctx:],
                              persistent=False)  # (n_cls, L - 1 - n_ctx, D)
-        # The text feature is read at the EOT of these placeholder ids (argmax).
+        # NOTE(official code): the text feature is read at the EOT of these placeholder ids
+        # (argmax), not of the learned embeddings; they are used for nothing else.
         self.register_buffer("tokenized_prompts", tokens.to(embedding.weight.device),
                              persistent=False)  # (n_cls, L)
 
     def forward(self):
         ctx = self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)  # (n_ctx, D) -> (n_cls, n_ctx, D)
-        # t_i = [SOS] [V]_1 ... [V]_M [CLASS]_i . [EOT]
+        # t_i = [SOS] [V]_1 ... [V]_M [CLASS]_i . [EOT] (CoOp Sec. 3.2)
         return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (n_cls, L, D)
 
 

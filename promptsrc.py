@@ -124,8 +124,7 @@ def _context_vectors(embed, n_ctx, ctx_init, D):
             raise ValueError(f"n_ctx_text={n_ctx} is more than the {len(init_ids)} tokens of "
                              f"ctx_init={ctx_init!r}: pass a longer ctx_init, or "
                              "ctx_init='' for random context.")
-        # As in ivlp.py: the first n_ctx tokens are learned, the rest stay fixed words. (The
-        # official code falls back to random context for n_ctx > 4; here that is an error.)
+        # As ivlp.py: the first n_ctx tokens learned (official: random context for n_ctx > 4).
         with torch.no_grad():
             ids = torch.tensor(init_ids[:n_ctx], device=device)  # (n_ctx,)
             return embed(ids).float(), ctx_init  # (n_ctx, D)
@@ -141,8 +140,7 @@ def gpa_weights(epochs, mean, std):
 
 
 class VLPromptLearner(nn.Module):
-    """Text prompts P_0..P_{J-1} and vision prompts P~_0..P~_{J~-1}: all that PromptSRC trains
-    (IVLP's, ivlp.py)."""
+    """Text prompts P_0..P_{J-1}, vision prompts P~_0..P~_{J~-1}: all PromptSRC trains (IVLP's)."""
 
     def __init__(self, clip_model, classnames, n_ctx_text=4, n_ctx_vision=4, text_depth=9,
                  vision_depth=9, ctx_init="a photo of a"):
@@ -156,8 +154,7 @@ class VLPromptLearner(nn.Module):
         embed = clip_model.token_embedding
         device = embed.weight.device  # build on CLIP's device; lookups need ids there
         ctx_vectors, prefix = _context_vectors(embed, n_ctx_text, ctx_init, D)  # (M, D)
-        # Learned tensors are fp32; the frozen CLIP casts them to its dtype where they enter it.
-        # NOTE(official code): the vision prompts live in its forked CLIP (VPT, VPT_shallow).
+        # fp32, cast to CLIP's dtype on entry. NOTE(official code): PREC fp16 runs all in fp16.
         self.ctx = nn.Parameter(ctx_vectors)  # (M, D)   P_0
         self.compound_prompts_text = nn.ParameterList(
             [nn.Parameter(torch.randn(n_ctx_text, D) * 0.02)  # (n_ctx_text, D)   P_i, N(0, 0.02)
@@ -213,9 +210,8 @@ class PromptSRC(nn.Module):
                  gpa_std=1.0):
         super().__init__()
         if not isinstance(clip_model.visual, VisionTransformer):
-            raise ValueError(f"PromptSRC needs a ViT backbone (ViT-B/32, ViT-B/16, ViT-L/14, "
-                             f"...): its vision prompts are tokens of the image transformer, and "
-                             f"this CLIP's image encoder is a {type(clip_model.visual).__name__}.")
+            raise ValueError(f"PromptSRC needs a ViT backbone (its vision prompts are image-"
+                             f"transformer tokens), not a {type(clip_model.visual).__name__}")
         for name, depth, tower, low in (
                 ("text_depth", text_depth, clip_model.transformer, 1),  # the official assert
                 ("vision_depth", vision_depth, clip_model.visual.transformer, 0)):
@@ -254,9 +250,8 @@ class PromptSRC(nn.Module):
         return self
 
     def encode_text(self, prompts, deep_prompts):
-        """Text branch (ivlp.py's). prompts (n_cls, L, D) with P_0 in place; deep_prompts:
-        P_1..P_{J-1}, each (n_ctx_text, D), overwriting positions 1..M at blocks 1..J-1
-        -> (n_cls, Dj)."""
+        """Text branch (ivlp.py's). prompts (n_cls, L, D) with P_0 in place; deep_prompts P_1..
+        P_{J-1}, each (M, D), overwrite positions 1..M at blocks 1..J-1 -> (n_cls, Dj)."""
         m, tokens = self.clip_model, self.prompt_learner.tokenized_prompts
         n_ctx = self.prompt_learner.n_ctx_text  # M
         x = (prompts + m.positional_embedding[:prompts.shape[1]]).to(m.dtype)  # (n_cls, L, D)
@@ -268,9 +263,8 @@ class PromptSRC(nn.Module):
         return m.pool_text(x, tokens.argmax(dim=-1))  # (n_cls, Dj), read at EOT
 
     def encode_image(self, images, vision_prompts=()):
-        """Image branch (ivlp.py's). vision_prompts: P~_0..P~_{J~-1}, each (n_ctx_vision, Dv);
-        P~_0 is appended after the patches, P~_i replaces the last n_ctx_vision tokens at
-        block i. Empty: CLIP's encode_image."""
+        """Image branch (ivlp.py's). vision_prompts P~_0..P~_{J~-1}, each (n_ctx_vision, Dv):
+        P~_0 appended after the patches, P~_i replacing the last ones at block i."""
         visual = self.clip_model.visual
         x = visual.embed(images)  # (B, 1+P, Dv), class token + patches + positional embedding
         B = x.shape[0]

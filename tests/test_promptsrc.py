@@ -92,7 +92,8 @@ def test_without_regularisers_it_is_ivlp_exactly(clip_model, batch):
             loss.backward()
             opt.step()
         src.end_epoch(epoch, 2)  # gpa=False: no aggregation
-        for (k, a), b in zip(src.prompt_learner.named_parameters(), ref.prompt_learner.parameters()):
+        for (k, a), b in zip(src.prompt_learner.named_parameters(),
+                             ref.prompt_learner.parameters()):
             assert torch.equal(a, b), k
     src.eval(), ref.eval()
     with torch.no_grad():
