@@ -64,7 +64,8 @@ DEFAULTS = dict(
 )
 # Other protocols' changes (train.py --protocol). KgCoOp/scripts/xd_train.sh trains every dataset
 # (ImageNet included) on all its classes with 4 shots and the same config and weight: the
-# few-shot runs, and the ImageNet run is the one other datasets are evaluated with.
+# few-shot runs. NOTE(inferred): the repository has no other transfer script, so its ImageNet
+# run is taken as the one evaluated on the other datasets (crossdataset).
 # NOTE(official code): one stored version of scripts/base2new_train.sh names rn50_ep100.yaml,
 # which is this config with the RN50 backbone; the paper's base-to-new numbers are ViT-B/16.
 PROTOCOLS = {"fewshot": dict(shots=4), "crossdataset": dict(shots=4)}
