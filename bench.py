@@ -13,6 +13,9 @@ The reference re-states what the official code computes: all 77 positions, CoCoO
 images, text features per test batch, the image encoder inside the recorded forward (frozen
 weights: autograd records nothing there anyway). Both paths run on the same weights and
 inputs; their logits, losses and prompt gradients are compared.
+KgCoOp and PromptSRC rows measure what their regularisers cost instead: "ours" is their training
+step (cross-entropy plus their loss terms), the "reference" CoOp's or IVLP's step on the same
+prompts (so the speed-up is below 1, and the logits must be equal).
 Timing: per case, one fresh process runs the reference and ours step after step (at least
 --steps, more until one path has run --min-seconds), and the speed-up is the ratio of their
 median times. Read the ratios: absolute speed depends on the machine (and drifts on a shared
@@ -35,7 +38,10 @@ import torch.nn.functional as F
 
 import cocoop
 import coop
+import ivlp
+import kgcoop
 import maple
+import promptsrc
 from clip.model import CLIP
 
 # Caltech101's 100 classes as CoOp's split names them: realistic, 1-3 BPE tokens each.
@@ -128,6 +134,32 @@ def train_step(model, logits_fn, images, labels):
     return dict(logits=logits.detach(), loss=loss.detach(), grads=grads)
 
 
+def method_step(model, base, images, labels):
+    """The extra cost of a regularised method over the method it regularises (KgCoOp over CoOp,
+    PromptSRC over IVLP): `model`'s training step, its own loss terms included, or (model None)
+    `base`'s plain cross-entropy step on the same prompts. Their logits must agree."""
+    if model is None:
+        return dict(logits=train_step(base, base, images, labels)["logits"])
+    for p in model.prompt_learner.parameters():
+        p.grad = None
+    logits = model(images)  # (B, n_cls); training mode: the loss terms are computed too
+    loss = F.cross_entropy(logits, labels) + sum(model.loss_terms().values())
+    loss.backward()
+    return dict(logits=logits.detach())
+
+
+def base_of(model, names, ctx_init):
+    """CoOp or IVLP with the same prompts as KgCoOp or PromptSRC `model` (classes `names`)."""
+    pl = model.prompt_learner
+    if isinstance(model, kgcoop.KgCoOp):
+        base = coop.CoOp(model.clip_model, names, n_ctx=pl.n_ctx, ctx_init=ctx_init)
+    else:
+        base = ivlp.IVLP(model.clip_model, names, pl.n_ctx_text, pl.n_ctx_vision,
+                         pl.text_depth, pl.vision_depth, ctx_init=ctx_init)
+    base.prompt_learner.load_state_dict(pl.state_dict())  # the same learned prompts
+    return base.to(pl.ctx.device).train()
+
+
 @torch.no_grad()
 def eval_ours(model, batches):
     g = model.text_features()  # (n_cls, E), once for the whole test set
@@ -141,13 +173,17 @@ def eval_ref(model, batches):
 
 def settings(args):
     """CLIP config, class names, batch sizes and each method's options for the chosen model."""
-    methods = dict(coop=coop, cocoop=cocoop, maple=maple)
+    methods = dict(coop=coop, cocoop=cocoop, maple=maple, kgcoop=kgcoop, promptsrc=promptsrc)
     options = {m: {k: v for k, v in module.DEFAULTS.items() if k in (
-        "n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth")}  # paper defaults
+        "n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth", "w", "n_ctx_text",
+        "n_ctx_vision", "text_depth", "vision_depth", "text_loss_weight", "image_loss_weight",
+        "gpa_mean", "gpa_std")}  # paper defaults
         for m, module in methods.items()}
-    options["maple"]["prompt_depth"] = 2 if args.quick else 9  # the tiny CLIP has 2 layers
-    if args.quick:
-        return TINY, CALTECH101[:10], dict(coop=4, cocoop=2, maple=2, eval=8), options
+    if args.quick:  # the tiny CLIP has 2 layers per tower
+        options["maple"]["prompt_depth"] = 2
+        options["promptsrc"].update(text_depth=2, vision_depth=2)
+        return TINY, CALTECH101[:10], dict(coop=4, cocoop=2, maple=2, kgcoop=4, promptsrc=2,
+                                           eval=8), options
     if args.model == "toy":  # the default toy run (train.py with no arguments) of each method
         import train
         from toy import pretrain, world
@@ -157,7 +193,8 @@ def settings(args):
                                             eval=cfg["coop"]["eval_batch_size"]),
                 {m: {k: c[k] for k in c["model_options"]} for m, c in cfg.items()})
     names = (CALTECH101 * (args.classes // 100 + 1))[:args.classes]  # cycled beyond 100
-    return VIT_B16, names, dict(coop=32, cocoop=4, maple=4, eval=100), options
+    return VIT_B16, names, dict(coop=32, cocoop=4, maple=4, kgcoop=128, promptsrc=4,
+                                eval=100), options
 
 
 def build_case(args, case):
@@ -171,7 +208,8 @@ def build_case(args, case):
         names = (CALTECH101 * (args.big_classes // 100 + 1))[:args.big_classes]
     if case in ("coop-big", "cocoop-b1"):  # CoOp #12 (ImageNet OOM at batch 1); CoCoOp's paper
         B = 1
-    model_class = dict(coop=coop.CoOp, cocoop=cocoop.CoCoOp, maple=maple.MaPLe)[method]
+    model_class = dict(coop=coop.CoOp, cocoop=cocoop.CoCoOp, maple=maple.MaPLe,
+                       kgcoop=kgcoop.KgCoOp, promptsrc=promptsrc.PromptSRC)[method]
     model = model_class(clip_model, names, **options[method]).to(args.device).train()
     n, gen = config["image_resolution"], torch.Generator().manual_seed(1)
     if evaluation:
@@ -180,6 +218,10 @@ def build_case(args, case):
         return model, lambda fn, x: fn(model, x), eval_ours, eval_ref, batches
     images = torch.randn(B, 3, n, n, generator=gen).to(args.device)  # (B, 3, H, W)
     labels = torch.randint(len(names), (B,), generator=gen).to(args.device)  # (B,)
+    if method in ("kgcoop", "promptsrc"):  # "reference": CoOp or IVLP, the same prompts
+        base = base_of(model, names, options[method]["ctx_init"])
+        return (model, lambda fn, x: fn(*x), lambda *x: method_step(model, base, *x),
+                lambda *x: method_step(None, base, *x), (images, labels))
     ref = dict(coop=ref_coop_logits, cocoop=ref_cocoop_logits, maple=ref_maple_logits)[method]
     return (model, lambda fn, x: train_step(model, fn, *x), model,
             lambda images: ref(model, images), (images, labels))
@@ -283,6 +325,8 @@ def main(args):
              "cocoop": f"CoCoOp step (batch {batch['cocoop']})",
              "cocoop-b1": "CoCoOp step (batch 1)",  # the paper's: no per-image loop to save
              "maple": f"MaPLe step (batch {batch['maple']})",
+             "kgcoop": f"KgCoOp step (batch {batch['kgcoop']})",
+             "promptsrc": f"PromptSRC step (batch {batch['promptsrc']})",
              "coop-eval": f"CoOp eval ({args.eval_batches}x{batch['eval']} images)"}
     if args.big_classes:  # ImageNet-size evaluation, where the per-batch text pass is costly
         cases["coop-eval-big"] = f"  {args.big_classes} classes (1x{batch['eval']})"
@@ -310,6 +354,13 @@ def main(args):
             t = res[case, "both"]
             print(f"  {len(names) if case == 'coop-eval' else args.big_classes} classes: ours "
                   f"{n / t['ours']['seconds']:.1f}, reference {n / t['ref']['seconds']:.1f}")
+    extra = {case: res[case, "both"] for case in ("kgcoop", "promptsrc")}
+    print("extra cost of the regularisers (a training step's time; their 'ref' is CoOp's or "
+          "IVLP's step on the same prompts, whose logits must be equal): KgCoOp "
+          f"{extra['kgcoop']['ours']['seconds'] / extra['kgcoop']['ref']['seconds']:.2f}x "
+          "CoOp's, PromptSRC "
+          f"{extra['promptsrc']['ours']['seconds'] / extra['promptsrc']['ref']['seconds']:.2f}x "
+          "IVLP's")
     print("max |diff| by output: " + "; ".join(f"{label}: " + ", ".join(
         f"{k} {v:.1e}" for k, v in d.items()) for label, d in diffs.items()))
     how = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "CPU peak RSS"

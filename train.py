@@ -33,8 +33,10 @@ import coop
 import data
 import finetune
 import ivlp
+import kgcoop
 import linearprobe
 import maple
+import promptsrc
 import runs
 import zeroshot
 from runs import UsageError
@@ -54,6 +56,8 @@ METHODS = {
     "coop": Method(coop.CoOp, coop.DEFAULTS, coop.PROTOCOLS, coop.epochs_for),
     "cocoop": Method(cocoop.CoCoOp, cocoop.DEFAULTS),
     "maple": Method(maple.MaPLe, maple.DEFAULTS, maple.PROTOCOLS),
+    "kgcoop": Method(kgcoop.KgCoOp, kgcoop.DEFAULTS, kgcoop.PROTOCOLS),
+    "promptsrc": Method(promptsrc.PromptSRC, promptsrc.DEFAULTS, promptsrc.PROTOCOLS),
     **{name: Method(ivlp.IVLP, recipe) for name, recipe in ivlp.VARIANTS.items()},
     "finetune": Method(finetune.FineTune, finetune.DEFAULTS),
     "linearprobe": Method(linearprobe.LinearProbe, linearprobe.DEFAULTS),

@@ -81,6 +81,9 @@ RECIPES = {
     "vpt": dict(vision_depth=3),
     "ivlp_text": dict(text_depth=3),
     "ivlp": dict(text_depth=3, vision_depth=3),
+    # PromptSRC's depth 9 of 12 in both towers, scaled like MaPLe's and IVLP's: 3 of the toy's 4
+    # text and 6 vision layers; the official 20 epochs, lr and GPA (mean 15, std 1).
+    "promptsrc": dict(text_depth=3, vision_depth=3),
     "finetune": dict(epochs=50),  # long enough to see forgetting (10 epochs still help)
 }
 
