@@ -69,7 +69,7 @@ def test_toy_check_passes_the_story_and_names_each_failed_check(tmp_path, capsys
     write_runs(tmp_path / "bad", bad, drop=2)
     failed = toy_check.main(["--seeds", "1", "2", "--out", str(tmp_path / "bad")])
     assert failed == ["coop: new < zero-shot on seed 1", "coop: mean new <= zero-shot - 3",
-                      "coop: mean curve: new falls >= 5 from its peak, base >= 95 after it",
+                      "coop: mean curve: new ends >= 5 below its peak, base >= 95 at the end",
                       "cocoop: mean new >= CoOp's + 3", "cocoop: mean H > CoOp's",
                       "maple: mean H > CoOp's", "finetune: mean new < zero-shot"]
     assert "7 failed check(s) over seeds 1 2" in capsys.readouterr().out
