@@ -176,7 +176,7 @@ def train(model, loader, cfg, amp, evaluate_now=None):
                 raise FloatingPointError(
                     f"the loss is {loss.item()} at epoch {epoch + 1}/{epochs}, batch {i + 1}/{n}:"
                     f" start again with --overwrite and a lower --lr (now {cfg['lr']})" +
-                    (f" or --precision fp32" if cfg["precision"] != "fp32" else ""))
+                    (" or --precision fp32" if cfg["precision"] != "fp32" else ""))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

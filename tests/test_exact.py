@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bench
 import clip
@@ -181,3 +182,20 @@ def test_bench_quick_prints_the_table():
         assert float(row[7]) < 1e-4, row
     assert re.search(r"evaluation throughput, images/s .*\n  10 classes: ours [\d.]+, reference "
                      r"[\d.]+", out), out
+
+
+@pytest.mark.parametrize("method", ["kgcoop", "promptsrc"])
+def test_bench_rows_step_against_their_reference_on_the_same_prompts(method):
+    """bench.py's kgcoop / promptsrc rows (--quick sizes): the step and CoOp's / IVLP's give the
+    same logits, and the step adds the method's loss terms (the extra cost the row measures)."""
+    args = bench.parser.parse_args(["--quick"])
+    model, step, ours, ref, inputs = bench.build_case(args, method)
+    theirs = step(ref, inputs)["logits"]
+    assert torch.equal(step(ours, inputs)["logits"], theirs)
+    grads = [p.grad.clone() for p in model.prompt_learner.parameters()]
+    for p in model.prompt_learner.parameters():
+        p.grad = None
+    images, labels = inputs
+    (F.cross_entropy(model(images), labels) + sum(model.loss_terms().values())).backward()
+    for g, p in zip(grads, model.prompt_learner.parameters()):
+        torch.testing.assert_close(g, p.grad)  # the step's loss is L_ce + the terms

@@ -39,7 +39,6 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import config  # noqa: E402
 import runs  # noqa: E402
-import train  # noqa: E402
 from runs import UsageError  # noqa: E402
 from tools.distortion import open_run, read_halves, rebuild  # noqa: E402
 

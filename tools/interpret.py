@@ -31,7 +31,6 @@ import torch  # noqa: E402
 import clip  # noqa: E402
 import runs  # noqa: E402
 from runs import UsageError  # noqa: E402
-import train  # noqa: E402
 from clip.tokenizer import SOT_TOKEN, encode, token_strings  # noqa: E402
 from tools.predict import load_prompts  # noqa: E402
 
