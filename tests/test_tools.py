@@ -242,9 +242,15 @@ def test_reproduce_dry_run_lists_the_commands(tmp_path, capsys):
     assert len(b2n) == 11 * 3
     line = (f"python train.py --method cocoop --dataset dtd --root /data --protocol base2new "
             f"--shots 16 --seed 2 --backbone ViT-B/16 --out {out}/dtd/cocoop/"
-            "ViT-B-16_16shots_base2new/seed2 --resume")  # --resume: continues interrupted runs
+            "ViT-B-16_16shots_base2new/seed2")  # a new run: no --resume (refused without a run)
     printed = capsys.readouterr().out.splitlines()
     assert line in printed and printed[0].startswith("base2new: 33 runs, 0 done")
+    os.makedirs(f"{out}/dtd/cocoop/ViT-B-16_16shots_base2new/seed3")  # an interrupted run
+    open(f"{out}/dtd/cocoop/ViT-B-16_16shots_base2new/seed3/checkpoint.pt", "w").close()
+    cut = reproduce.main(["--protocol", "base2new", "--method", "cocoop", "--root", "/data",
+                          "--out", out, "--dry-run", "--datasets", "dtd"])
+    assert [c[-1] == "--resume" for c in cut] == [False, False, True]
+    capsys.readouterr()
     write_results(f"{out}/dtd/cocoop/ViT-B-16_16shots_base2new/seed2", "cocoop", "dtd", 2,
                   dict(base=1.0, new=1.0, hm=1.0))
     again = reproduce.main(["--protocol", "base2new", "--method", "cocoop", "--root", "/data",
@@ -255,7 +261,7 @@ def test_reproduce_dry_run_lists_the_commands(tmp_path, capsys):
     xd = reproduce.main(["--protocol", "crossdataset", "--method", "maple", "--root", "/data",
                          "--out", out, "--seeds", "1", "--dry-run", "--", "--workers", "8"])
     src = f"{out}/imagenet/maple/ViT-B-16_16shots_crossdataset/seed1"
-    assert len(xd) == 1 + 10 and xd[0][-5:] == ["--out", src, "--resume", "--workers", "8"]
+    assert len(xd) == 1 + 10 and xd[0][-4:] == ["--out", src, "--workers", "8"]
     assert xd[0][xd[0].index("--protocol") + 1] == "crossdataset"  # train.py's recipe for it
     assert "imagenet" not in [c[5] for c in xd[1:]]
     assert xd[1] == ["python", "train.py", "--eval-only", "--load", src, "--dataset",

@@ -15,8 +15,8 @@ Protocols (the runs the papers average over seeds 1, 2, 3):
                 -A and -R.
 The ImageNet runs of crossdataset/domaingen are train.py --protocol crossdataset runs (the
 method files' cross-dataset recipes), in <bb>_16shots_crossdataset folders. A run whose
-results.json exists is skipped, and training runs get --resume, so an interrupted reproduction
-continues where it stopped. Arguments after `--` go to every train.py command (--device,
+results.json exists is skipped, and a run with a checkpoint gets --resume, so an interrupted
+reproduction continues where it stopped. Arguments after `--` go to every train.py command (--device,
 --workers, ...).
 """
 import argparse
@@ -62,7 +62,9 @@ def plan(args):
     method = args.method or ("coop" if args.protocol == "fewshot" else "cocoop")
     bb = args.backbone or ("RN50" if args.protocol == "fewshot" else "ViT-B/16")
     jobs = []
-    resume = [] if method == "zeroshot" else ["--resume"]  # continues an interrupted run
+
+    def resume(out):  # an interrupted run (a checkpoint, no results) continues
+        return ["--resume"] if os.path.isfile(os.path.join(out, "checkpoint.pt")) else []
     if args.protocol in ("base2new", "fewshot"):
         shots = args.shots or (FEWSHOTS if args.protocol == "fewshot" else [16])
         shots = shots[:1] if method == "zeroshot" else shots  # nothing is trained
@@ -72,7 +74,7 @@ def plan(args):
                     out = runs.folder(args.out, ds, method, bb, k, args.protocol, seed)
                     jobs.append((["--method", method, "--dataset", ds, "--root", args.root,
                                   "--protocol", args.protocol, "--shots", str(k), "--seed",
-                                  str(seed), "--backbone", bb, "--out", out, *resume], out, None))
+                                  str(seed), "--backbone", bb, "--out", out, *resume(out)], out, None))
         return jobs
     if method == "zeroshot":
         raise UsageError(f"zero-shot CLIP trains nothing to transfer: run --protocol fewshot "
@@ -85,7 +87,7 @@ def plan(args):
         src = runs.folder(args.out, "imagenet", method, bb, shots, "crossdataset", seed)
         jobs.append((["--method", method, "--dataset", "imagenet", "--root", args.root,
                       "--protocol", "crossdataset", "--shots", str(shots), "--seed", str(seed),
-                      "--backbone", bb, "--out", src, *resume], src, None))
+                      "--backbone", bb, "--out", src, *resume(src)], src, None))
         for ds in targets:
             out = os.path.join(src, f"eval_{ds}_crossdataset")
             jobs.append((["--eval-only", "--load", src, "--dataset", ds, "--root", args.root,
