@@ -1,7 +1,7 @@
 """The run's configuration: the command line (--help explains every option), the layers it is
 resolved from, and the checks that refuse, before any work, what cannot mean what the user
-wants. train.py calls `resolve(argv, METHODS)`; the result is one flat dict, printed at the start
-of the run and saved with its results and learned tensors.
+wants. train.py calls `resolve(parser.parse_args(argv), METHODS)`; the result is one flat dict,
+printed at the start of the run and saved with its results and learned tensors.
 
 The layers, each overriding the one before: RUN below; the method file's recipe (DEFAULTS, its
 PROTOCOLS entry, CoOp's epochs_for); the toy run's (toy/world.py RECIPES, when dataset and
@@ -135,8 +135,9 @@ def resolve(args, methods):
     saved = {}
     if "load" in given:  # the training run's method, backbone, protocol and options
         cfg = runs.read_run(given["load"])["config"]
-        saved = {k: cfg[k] for k in ("method", "backbone", "backbone_id", "protocol", "dataset",
-                                     "root", *cfg["model_options"]) if k in cfg}
+        saved = {k: cfg[k] for k in ("method", "backbone", "protocol", "dataset", "root",
+                                     *cfg["model_options"]) if k in cfg}
+        saved["backbone_id"] = cfg.get("backbone_id") or backbone_id(cfg["backbone"])
         if "dataset" in given:  # another dataset: its own root
             del saved["dataset"], saved["root"]
     method = given.get("method", saved.get("method", RUN["method"]))
@@ -207,15 +208,18 @@ def check(cfg, given, saved, recipe):
 def backbone_id(backbone):
     """The backbone's identity: its name, or a fingerprint of its checkpoint's bytes (the size,
     the first and the last MiB), so a moved file is the same backbone and another is not."""
-    if backbone in clip.available_models() or not os.path.exists(backbone):
-        return backbone  # a name, or a file clip.load will report missing
-    files = [backbone] if os.path.isfile(backbone) else sorted(
-        e.path for e in os.scandir(backbone) if e.is_file())
+    if backbone in clip.available_models() or not os.path.isfile(backbone) and \
+            not os.path.isdir(backbone):
+        return backbone  # a name, or a path clip.load will report
     h = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            h.update(str(size).encode() + f.read(1 << 20))
-            f.seek(max(size - (1 << 20), 0))
-            h.update(f.read())
+    try:
+        for path in [backbone] if os.path.isfile(backbone) else sorted(
+                e.path for e in os.scandir(backbone) if e.is_file()):
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                h.update(str(size).encode() + f.read(1 << 20))
+                f.seek(max(size - (1 << 20), 0))
+                h.update(f.read())
+    except OSError:  # unreadable: clip.load will say so
+        return backbone
     return "sha256:" + h.hexdigest()[:16]
