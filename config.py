@@ -163,8 +163,8 @@ def resolve(args, methods):
         cfg["precision"] = "amp" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if cfg["out"] is None:
         cfg["out"] = os.path.join(cfg["load"], f"eval_{cfg['dataset']}_{protocol}") if \
-            cfg["load"] else runs.folder("out", cfg["dataset"], method, cfg["backbone"],
-                                         cfg["shots"], protocol, cfg["seed"])
+            cfg["load"] else folder("out", cfg["dataset"], method, cfg["backbone"], cfg["shots"],
+                                    protocol, cfg["seed"])
     return cfg
 
 
@@ -203,6 +203,14 @@ def check(cfg, given, saved, recipe):
         raise UsageError(f"--batch-size {cfg['batch_size']} is the global batch, split over "
                          f"{world_size} processes: pass a multiple of {world_size}, or run on "
                          "fewer processes")
+
+
+def folder(root, dataset, method, backbone, shots, protocol, seed):
+    """train.py's default output folder: ROOT/DATASET/METHOD/BACKBONE_<shots>shots_PROTOCOL/
+    seed<seed>, with the backbone's name ('ViT-B-16') or its checkpoint's file or folder name."""
+    bb = backbone.replace("/", "-") if backbone in clip.available_models() else \
+        os.path.splitext(os.path.basename(os.path.normpath(backbone)))[0]
+    return os.path.join(root, dataset, method, f"{bb}_{shots}shots_{protocol}", f"seed{seed}")
 
 
 def backbone_id(backbone):

@@ -44,19 +44,12 @@ COMMAND = "python train.py"  # the first line of a run's log.txt: how its folder
 # What shapes a run's result: --resume refuses a checkpoint written with other values.
 SHAPES_RESULT = ("method", "dataset", "root", "backbone", "backbone_id", "shots", "seed",
                  "protocol", "lr", "batch_size", "epochs", "precision")
+CONFIG_KEYS = {"method", "backbone", "dataset", "root", "protocol", "model_options"}  # --load's
 
 
 def rank():
     """This process's rank under torchrun (DDP), 0 without it: only rank 0 writes."""
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def folder(root, dataset, method, backbone, shots, protocol, seed):
-    """train.py's default output folder: ROOT/DATASET/METHOD/BACKBONE_<shots>shots_PROTOCOL/
-    seed<seed>, with the backbone's name ('ViT-B-16') or its checkpoint's file or folder name."""
-    bb = backbone.replace("/", "-") if backbone in clip.available_models() else \
-        os.path.splitext(os.path.basename(os.path.normpath(backbone)))[0]
-    return os.path.join(root, dataset, method, f"{bb}_{shots}shots_{protocol}", f"seed{seed}")
 
 
 # ---- the learned tensors, and the files that hold them
@@ -91,7 +84,8 @@ def read(path, keys=("learned", "config")):
             from None
     if not (isinstance(saved, dict) and set(keys) <= set(saved)
             and isinstance(saved.get("config"), dict) and isinstance(saved.get("learned"), dict)
-            and all(torch.is_tensor(v) for v in saved["learned"].values())):
+            and all(torch.is_tensor(v) for v in saved["learned"].values())
+            and CONFIG_KEYS <= set(saved["config"])):
         raise UsageError(f"{path} is not a file written by train.py (a dict with "
                          f"{', '.join(keys)}); pass a training run's output folder")
     bad = [k for k, v in saved["learned"].items() if v.is_floating_point() and
@@ -158,7 +152,12 @@ def prepare(cfg):
     out, ckpt = cfg["out"], os.path.join(cfg["out"], "checkpoint.pt")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; pass a folder (new, empty or a run's own)")
-    if os.path.isdir(out) and not is_run_folder(out):
+    try:
+        foreign = os.path.isdir(out) and not is_run_folder(out)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot read it ({e.strerror}); pass another --out") \
+            from None
+    if foreign:
         raise UsageError(f"--out {out} holds files that train.py did not write: it writes only "
                          "into a new or empty folder or a run folder of its own. Pass another "
                          "--out")
@@ -189,7 +188,6 @@ def prepare(cfg):
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write there ({e.strerror}); pass another --out") \
             from None
-
 
 
 class Tee(list):

@@ -144,7 +144,11 @@ def train(model, loader, cfg, amp, evaluate_now=None):
     if cfg["resume"]:  # the checkpoint's settings were checked by runs.prepare
         ckpt = runs.read(ckpt_path, keys=("learned", "config", "optimizer", "epoch"))
         runs.load_learned(model, ckpt["learned"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # another run's optimiser
+            raise UsageError(f"{ckpt_path}: its optimizer state does not fit this run ({e}); "
+                             "start again with --overwrite") from None
         start, curve = ckpt["epoch"], ckpt.get("curve", [])
         print(f"resumed from {ckpt_path} after epoch {start}")
     last = min(epochs, cfg["stop_after_epoch"] or epochs)  # --stop-after-epoch: tests

@@ -28,6 +28,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root: train, data, clip, tools
 
+import config  # noqa: E402
 import data  # noqa: E402
 import runs  # noqa: E402
 from runs import UsageError  # noqa: E402
@@ -71,7 +72,7 @@ def plan(args):
         for ds in args.datasets or summarise.PAPER_ORDER:
             for k in shots:
                 for seed in args.seeds:
-                    out = runs.folder(args.out, ds, method, bb, k, args.protocol, seed)
+                    out = config.folder(args.out, ds, method, bb, k, args.protocol, seed)
                     jobs.append((["--method", method, "--dataset", ds, "--root", args.root,
                                   "--protocol", args.protocol, "--shots", str(k), "--seed",
                                   str(seed), "--backbone", bb, "--out", out, *resume(out)], out, None))
@@ -84,7 +85,7 @@ def plan(args):
                                 else summarise.VARIANTS)
     shots = (args.shots or [16])[0]
     for seed in args.seeds:  # the source model: train.py --protocol crossdataset, shared by both
-        src = runs.folder(args.out, "imagenet", method, bb, shots, "crossdataset", seed)
+        src = config.folder(args.out, "imagenet", method, bb, shots, "crossdataset", seed)
         jobs.append((["--method", method, "--dataset", "imagenet", "--root", args.root,
                       "--protocol", "crossdataset", "--shots", str(shots), "--seed", str(seed),
                       "--backbone", bb, "--out", src, *resume(src)], src, None))
