@@ -139,18 +139,9 @@ def train(model, loader, cfg, amp, evaluate_now=None):
     # gradients, which for equal shares is the gradient of the whole batch
     step_model = torch.nn.parallel.DistributedDataParallel(model) if cfg["world_size"] > 1 \
         else model
-    ckpt_path, start, epochs = os.path.join(cfg["out"], "checkpoint.pt"), 0, cfg["epochs"]
-    curve = []  # [{"epoch": e, "base": .., "new": .., "hm": .., "seconds": ..}, ...]
-    if cfg["resume"]:  # the checkpoint's settings were checked by runs.prepare
-        ckpt = runs.read(ckpt_path, keys=("learned", "config", "optimizer", "epoch"))
-        runs.load_learned(model, ckpt["learned"], ckpt_path)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # another run's optimiser
-            raise UsageError(f"{ckpt_path}: its optimizer state does not fit this run ({e}); "
-                             "start again with --overwrite") from None
-        start, curve = ckpt["epoch"], ckpt.get("curve", [])
-        print(f"resumed from {ckpt_path} after epoch {start}")
+    ckpt_path, epochs = os.path.join(cfg["out"], "checkpoint.pt"), cfg["epochs"]
+    # the epochs done and the learning curve so far: [{"epoch", "base", "new", "hm", "seconds"}]
+    start, curve = resume(ckpt_path, model, optimizer) if cfg["resume"] else (0, [])
     last = min(epochs, cfg["stop_after_epoch"] or epochs)  # --stop-after-epoch: tests
     n, t0 = len(loader), time.time()
     for epoch in range(start, last):
@@ -195,6 +186,20 @@ def train(model, loader, cfg, amp, evaluate_now=None):
             runs.save(ckpt_path, learned=runs.learned_state(model),
                       optimizer=optimizer.state_dict(), epoch=epoch + 1, config=cfg, curve=curve)
     return max(start, last), curve
+
+
+def resume(ckpt_path, model, optimizer):
+    """Load an interrupted run's checkpoint (its settings were checked by runs.prepare) into
+    `model` and `optimizer` -> (the epochs it completed, its learning curve)."""
+    ckpt = runs.read(ckpt_path, keys=("learned", "config", "optimizer", "epoch"))
+    runs.load_learned(model, ckpt["learned"], ckpt_path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # another run's optimiser
+        raise UsageError(f"{ckpt_path}: its optimizer state does not fit this run ({e}); start "
+                         "again with --overwrite") from None
+    print(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt.get("curve", [])
 
 
 def build_models(cfg, halves):
