@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import shutil
 import sys
 
@@ -78,7 +79,7 @@ def read(path, keys=("learned", "config")):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
-            AttributeError, UnicodeDecodeError, ImportError) as e:  # torch.load's ways to fail
+            AttributeError, ImportError, pickle.UnpicklingError) as e:  # torch.load's failures
         raise UsageError(f"cannot read {path} ({type(e).__name__}): it is not a complete file "
                          "written by train.py (truncated or replaced?); run training again") \
             from None

@@ -16,6 +16,8 @@ EXPECTED = {
     "cocoop.py": 4 * 64 + (32 * 2 + 2) + (2 * 64 + 64),  # ctx + meta-net 32 -> 2 -> 64
     "maple.py": 2 * (2 * 64 + 64 * 64 + 64),  # depth 2: P_0, F_0, P_1, F_1
     "ivlp.py": 2 * (2 * 64) + 2 * (2 * 64),  # depth 2: P_0, P_1 and P~_0, P~_1 (no F)
+    "kgcoop.py": 4 * 64,  # CoOp's M = 4 context vectors from "a photo of a"
+    "promptsrc.py": 2 * (4 * 64) + 2 * (4 * 64),  # depth 2: 4 + 4 tokens per layer, 2 towers
     "finetune.py": 3_384_896,  # the whole tiny CLIP but logit_scale
     "linearprobe.py": 0,  # the head is fitted by L-BFGS, not trained by SGD
     "zeroshot.py": 0,  # hand-written prompts: nothing is trained

@@ -160,3 +160,12 @@ def test_a_closed_pipe_ends_quietly(world):
         "| head -1"
     run = subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.stdout.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_pickle_that_is_not_a_run_file_is_one_error(tmp_path):
+    """torch.load(weights_only=True) refuses arbitrary pickles with its own exception type."""
+    import collections
+    path = tmp_path / "learned.pt"
+    torch.save(collections.Counter(a=1), path)
+    with pytest.raises(UsageError, match="learned.pt"):
+        runs.read(str(path))
