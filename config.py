@@ -10,6 +10,7 @@ backbone are both toy: the default); a --load'ed run's settings; the command lin
 import argparse
 import functools
 import hashlib
+import math
 import os
 
 import torch
@@ -31,6 +32,8 @@ RUN = dict(
     precision=None,  # None: amp on a GPU with bf16, else fp32
     out=None, eval_only=False, load=None, resume=False, overwrite=False, stop_after_epoch=None,
     checkpointing=False)
+# --workers above this is a typo, not a plan: each is a process, started at once
+MAX_WORKERS = 256
 MODEL_FLAGS = ("n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth",
                "finetune_part", "template", "ensemble")
 
@@ -40,9 +43,15 @@ def number(kind, low=0, high=None, also=(), what=None):
     """An argparse type: a number of `kind` greater than `low` (and below `high`), or one of
     `also` (e.g. -1 for all shots); `what` describes the valid values in the error."""
     def parse(text):
-        value = kind(text)
+        what_is = what or f"must be greater than {low}"
+        try:
+            value = kind(text)
+        except ValueError:  # argparse would say "invalid parse value"
+            raise argparse.ArgumentTypeError(f"{what_is}, got {text!r} (not a "
+                                             f"{'whole ' * (kind is int)}number)") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value not in also and not (value > low and (high is None or value < high)):
-            what_is = what or f"must be greater than {low}"
             raise argparse.ArgumentTypeError(f"{what_is}, got {text}")
         return value
     return parse
@@ -85,8 +94,8 @@ def make_parser(methods, description):
     run("--precision", choices=["amp", "fp32", "fp16"], help="amp: bf16 autocast, fp32 weights "
         "(default on a GPU); fp32 (default on the CPU); fp16: the official pure fp16, known to "
         "give NaN losses")
-    run("--workers", type=number(int, -1, what="0 or more"), help=f"data-loading processes "
-        f"(default: {RUN['workers']})")
+    run("--workers", type=number(int, -1, MAX_WORKERS + 1, what=f"0 to {MAX_WORKERS}"),
+        help=f"data-loading processes (default: {RUN['workers']})")
     run("--checkpointing", action="store_true", default=None, help="recompute the text encoder "
         "in backward: bounded memory with many classes, ~1/3 more text compute")
     run("--stop-after-epoch", type=number(int), help=argparse.SUPPRESS)  # tests: interruptions
