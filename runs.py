@@ -110,6 +110,18 @@ def read_run(run_dir):
     return read(os.path.join(run_dir, "learned.pt"), keys=("learned", "config", "classnames"))
 
 
+def read_text(path, flag):
+    """A user's text file (`flag`: the option that named it, e.g. "--words") -> its text.
+    Missing, a folder, unreadable or not UTF-8: one UsageError naming the flag and file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text: {e.reason}"
+        raise UsageError(f"{flag} {path}: cannot read it as text ({why}); pass a UTF-8 "
+                         "text file") from None
+
+
 def _write(path, payload):
     """Bytes to `path` through a temporary file and a rename; a failing disk is bad input."""
     try:

@@ -70,8 +70,7 @@ def toy_words():
 def vocabulary(args, cfg):
     """Token ids to search (None: all) and a note saying why."""
     if args.words:
-        with open(args.words) as f:
-            words = f.read().split()
+        words = runs.read_text(args.words, "--words").split()
         why = f"only the tokens of the {len(words)} words in {args.words}"
     elif not args.all_tokens and (cfg["backbone"] == "toy" or cfg["dataset"] == "toy" and
                                   cfg["backbone"] not in clip.available_models()):

@@ -82,8 +82,8 @@ def class_list(args, cfg):
     if args.classes and args.classes_file:
         raise UsageError("give --classes or --classes-file, not both")
     if args.classes_file:
-        with open(args.classes_file) as f:
-            names = [s.strip() for s in f if s.strip() and not s.startswith("#")]
+        names = [s.strip() for s in runs.read_text(args.classes_file, "--classes-file")
+                 .split("\n") if s.strip() and not s.startswith("#")]
     elif args.classes:
         names = [s.strip() for s in args.classes.split(",") if s.strip()]
     elif cfg["method"] == "zeroshot":

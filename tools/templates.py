@@ -53,17 +53,15 @@ parser.add_argument("--device", default=config.RUN["device"], help="cpu or cuda 
 parser.add_argument("--batch-size", type=int, default=config.RUN["eval_batch_size"],
                     help=f"test images per batch (default: {config.RUN['eval_batch_size']}, "
                     "train.py's)")
-parser.add_argument("--workers", type=int, default=config.RUN["workers"],
+parser.add_argument("--workers", default=config.RUN["workers"], type=config.number(
+                    int, -1, config.MAX_WORKERS + 1, what=f"0 to {config.MAX_WORKERS}"),
                     help=f"data-loading processes (default: {config.RUN['workers']})")
 
 
 def read_templates(path):
     """The templates of a file, one per line; each holds one "{}" for the class name."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [(i, line.strip()) for i, line in enumerate(f, 1)]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--templates {path}: cannot read it as text ({e})") from None
+    lines = [(i, line.strip()) for i, line in
+             enumerate(runs.read_text(path, "--templates").split("\n"), 1)]
     templates = [(i, t) for i, t in lines if t and not t.startswith("#")]
     if not templates:
         raise UsageError(f"--templates {path}: no template in the file (one per line)")
