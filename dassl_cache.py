@@ -43,8 +43,11 @@ def read(path, dataset_dir):
         for split, items in cache.items():
             out[split] = []
             for d in items:
-                if not isinstance(d, Datum) or not isinstance(d._label, int):
+                if not isinstance(d, Datum):
                     raise CacheError(f"{split} holds {type(d).__name__}, not Datum items")
+                if not isinstance(d._label, int):
+                    raise CacheError(f"{split} holds a Datum whose label is {d._label!r}, not "
+                                     "an int")
                 _, found, rel = d._impath.replace("\\", "/").rpartition(folder)
                 if not found:
                     raise CacheError(f"{d._impath} does not lie under a folder {folder}")

@@ -13,13 +13,15 @@ file under a run's name. train.py writes only into a folder that is new, empty o
 (nothing in it but the entries above): a user's own files are never replaced.
 
 Bad input, anywhere in train.py or tools/, raises UsageError (or data.DataError,
-clip.CheckpointError, clip.DownloadError): `run_cli` prints "error: <message>" and exits with
-status 2. Any other exception is a bug and keeps its traceback.
+clip.CheckpointError, clip.DownloadError, dassl_cache.CacheError): `run_cli` prints
+"error: <message>" and exits with status 2. Any other exception is a bug and keeps its
+traceback.
 """
 import contextlib
 import io
 import json
 import os
+import pickle
 import shutil
 import sys
 
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import clip
+import dassl_cache
 import data
 
 
@@ -38,7 +41,8 @@ class Interrupted(Exception):
     """Ctrl-C during a run: one line, exit status 130."""
 
 
-USER_ERRORS = (UsageError, data.DataError, clip.CheckpointError, clip.DownloadError)
+USER_ERRORS = (UsageError, data.DataError, clip.CheckpointError, clip.DownloadError,
+               dassl_cache.CacheError)
 RUN_FILES = ("log.txt", "checkpoint.pt", "learned.pt", "results.json")
 COMMAND = "python train.py"  # the first line of a run's log.txt: how its folder is recognised
 # What shapes a run's result: --resume refuses a checkpoint written with other values.
@@ -85,7 +89,8 @@ def read(path, keys=("learned", "config")):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
-            AttributeError, UnicodeDecodeError, ImportError) as e:  # torch.load's ways to fail
+            AttributeError, UnicodeDecodeError, ImportError,
+            pickle.UnpicklingError) as e:  # torch.load's ways to fail (measured: bit flips)
         raise UsageError(f"cannot read {path} ({type(e).__name__}): it is not a complete file "
                          "written by train.py (truncated or replaced?); run training again") \
             from None
