@@ -334,7 +334,11 @@ def read(root, spec):
     d = os.path.join(root, spec["dir"])
     if kind == "toy":
         from toy import world  # lazy: only the toy entry needs it
-        d, template = world.ensure_dataset(root), world.TEMPLATE
+        try:  # rendered into the root on first use
+            d, template = world.ensure_dataset(root), world.TEMPLATE
+        except OSError as e:
+            raise DataError(f"toy: cannot render the toy dataset into {root}/toy ({e.strerror}):"
+                            " pass a --root that is a folder you can write to") from None
     if kind in ("imagenet", "wnids", "numbered"):  # listed from the folders: they exist
         return (*_read_imagenet_like(_need(d, spec), spec), template, d)
     if kind == "fgvc":
