@@ -191,15 +191,7 @@ def check(cfg, given, saved, recipe):
     if saved and "backbone" in given and backbone_id(given["backbone"]) != saved["backbone_id"]:
         raise UsageError(f"--backbone {given['backbone']} is not the backbone {cfg['load']} was "
                          f"trained with ({saved['backbone']}): learned tensors work only with it")
-    try:
-        device = torch.device(cfg["device"])
-    except RuntimeError:  # not a device string torch knows
-        device = None
-    gpus = torch.cuda.device_count()
-    if device is None or device.type not in ("cpu", "cuda") or \
-            device.type == "cuda" and (device.index or 0) >= gpus:
-        raise UsageError(f"--device {cfg['device']}: torch finds {gpus} GPU(s) here; use cpu"
-                         f"{f' or cuda:0 .. cuda:{gpus - 1}' if gpus else ''}")
+    device = check_device(cfg["device"])
     if cfg["precision"] not in (None, "fp32") and device.type != "cuda":
         raise UsageError(f"--precision {cfg['precision']} needs a GPU; on the CPU use fp32")
     world_size = cfg["world_size"]
@@ -207,6 +199,21 @@ def check(cfg, given, saved, recipe):
         raise UsageError(f"--batch-size {cfg['batch_size']} is the global batch, split over "
                          f"{world_size} processes: pass a multiple of {world_size}, or run on "
                          "fewer processes")
+
+
+def check_device(name):
+    """--device `name` (train.py's and the tools'), a device of this machine -> torch.device;
+    else UsageError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device string torch knows
+        device = None
+    gpus = torch.cuda.device_count()
+    if device is None or device.type not in ("cpu", "cuda") or \
+            device.type == "cuda" and (device.index or 0) >= gpus:
+        raise UsageError(f"--device {name}: torch finds {gpus} GPU(s) here; use cpu"
+                         f"{f' or cuda:0 .. cuda:{gpus - 1}' if gpus else ''}")
+    return device
 
 
 def backbone_id(backbone):

@@ -192,8 +192,7 @@ def main(argv=None):
         raise UsageError(f"--out {args.out}: name a .csv or .json file")
     if args.topk < 1:
         raise UsageError("--topk must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+    config.check_device(args.device)
     cfg, state, source, learned_for = configure(args)
     cfg["device"] = args.device
     classnames = class_list(args, cfg)

@@ -105,8 +105,7 @@ def accuracy(clip_model, classnames, template, feats, amp):
 def main(argv=None):
     args = parser.parse_args(argv)
     templates = read_templates(args.templates) if args.templates else NOTES_TEMPLATES
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+    config.check_device(args.device)
     backbone = args.backbone or ("toy" if args.dataset == "toy" else config.RUN["backbone"])
     ds = data.load(args.dataset, args.root)  # all classes; the test split is never sampled
     if not ds.test:
