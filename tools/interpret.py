@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 import clip  # noqa: E402
+import config  # noqa: E402
 import runs  # noqa: E402
 from runs import UsageError  # noqa: E402
 import train  # noqa: E402
@@ -39,8 +40,8 @@ parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("prompts", help="a training run's output folder or its learned.pt")
 parser.add_argument("--topk", type=int, default=5, help="nearest tokens per vector (default 5)")
-parser.add_argument("--max-classes", type=int, default=3, help="class-specific context: show "
-                    "the first this many classes (default 3)")
+parser.add_argument("--max-classes", type=config.number(int), default=3, help="class-specific "
+                    "context: show the first this many classes (default 3)")
 parser.add_argument("--backbone", help="the run's backbone checkpoint, if moved elsewhere")
 parser.add_argument("--show", metavar="WORDS", help="comma-separated words: print each "
                     "vector's distance to them and their rank, e.g. --show outline,sketch")

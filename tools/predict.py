@@ -51,7 +51,8 @@ parser.add_argument("--subset", choices=["base", "new", "all"], help="which of t
                     "(default: base for a base2new run, else all)")
 parser.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
 parser.add_argument("--out", help="also write the predictions to a .csv or .json file")
-parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+parser.add_argument("--batch-size", type=config.number(int), default=64,
+                    help="images per forward pass")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

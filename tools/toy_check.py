@@ -39,7 +39,8 @@ CHECKS = {  # method -> [(what the README claims, test on that seed's runs r[met
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+parser.add_argument("--seeds", nargs="+", default=[1, 2, 3],  # train.py's --seed type
+                    type=next(a.type for a in train.parser._actions if a.dest == "seed"))
 parser.add_argument("--methods", nargs="+", default=METHODS, choices=list(train.METHODS),
                     help="default: " + " ".join(METHODS))
 parser.add_argument("--out", default=os.path.join("out", "toy_check"))
