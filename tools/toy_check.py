@@ -25,6 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
+import runs  # noqa: E402
 import train  # noqa: E402
 
 METHODS = ["zeroshot", "coop", "cocoop", "maple", "finetune"]
@@ -54,8 +55,17 @@ def run(method, seed, args):
     if args.rerun or not os.path.isfile(done):
         with contextlib.redirect_stdout(io.StringIO()):  # the runs' own logs are in OUT
             train.main(["--method", method, "--seed", str(seed), "--out", out, "--overwrite"])
-    with open(done) as f:
-        return json.load(f)["accuracy"]
+    try:
+        with open(done) as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not JSON
+        r = f"{type(e).__name__}: {e}"
+    acc = r.get("accuracy") if isinstance(r, dict) else r
+    if not (isinstance(acc, dict) and
+            all(type(acc.get(k)) in (int, float) for k in ("base", "new", "hm"))):
+        raise runs.UsageError(f"{done} is not a base-to-new results.json that train.py wrote "
+                              f"({str(acc)[:100]}): pass --rerun to train it again")
+    return acc
 
 
 def main(argv=None):
@@ -83,4 +93,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main() else 0)
+    runs.run_cli(lambda: sys.exit(1 if main() else 0))
