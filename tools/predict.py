@@ -176,7 +176,12 @@ def predict(model, paths, n_px, device, batch_size=64):
 
 def write(out, rows):
     """rows: [(path, [(class, probability), ...])] -> CSV (one line per rank) or JSON."""
-    with open(out, "w", newline="") as f:
+    try:
+        f = open(out, "w", newline="")
+    except OSError as e:  # no such folder, a folder of that name, no permission
+        raise UsageError(f"--out {out}: cannot write it ({e.strerror}); pass another --out") \
+            from None
+    with f:
         if out.endswith(".json"):
             json.dump([{"image": p, "predictions": [{"class": c, "probability": round(q, 6)}
                                                     for c, q in top]} for p, top in rows],
