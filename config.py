@@ -139,7 +139,8 @@ def resolve(args, methods):
     given = {k: v for k, v in vars(args).items() if v is not None}  # set on the command line
     saved = {}
     if "load" in given:  # the training run's method, backbone, protocol and options
-        cfg = runs.read_run(given["load"])["config"]
+        cfg = check_saved(runs.read_run(given["load"])["config"], methods,
+                          os.path.join(given["load"], "learned.pt"))
         saved = {k: cfg[k] for k in ("method", "backbone", "backbone_id", "protocol", "dataset",
                                      "root", *cfg["model_options"]) if k in cfg}
         if "dataset" in given:  # another dataset: its own root
@@ -199,6 +200,25 @@ def check(cfg, given, saved, recipe):
         raise UsageError(f"--batch-size {cfg['batch_size']} is the global batch, split over "
                          f"{world_size} processes: pass a multiple of {world_size}, or run on "
                          "fewer processes")
+
+
+def check_saved(cfg, methods, source):
+    """A saved run's configuration (runs.read checked its keys), as train.py rebuilds the
+    model from it: a method of `methods`, its model options those of the method's recipe, each
+    of the recipe's type -> cfg; else UsageError naming `source`."""
+    recipe = methods.get(cfg["method"])
+    if recipe is None:
+        raise UsageError(f"{source} holds a run of the method {cfg['method']!r}, which this "
+                         f"train.py does not have ({', '.join(methods)})")
+    defaults = {**recipe.defaults, **recipe.protocols.get(cfg["protocol"], {})}
+    wrong = [f"{k}={cfg[k]!r:.40}" for k in cfg["model_options"] if k not in defaults or (
+        type(cfg[k]) not in (str, type(None)) if defaults[k] is None
+        else type(cfg[k]) is not type(defaults[k]))]
+    if wrong:
+        raise UsageError(f"{source}: its model options {', '.join(wrong)} are not those of "
+                         f"--method {cfg['method']}; pass a training run's output folder, or "
+                         "train again")
+    return cfg
 
 
 def check_device(name):

@@ -73,11 +73,16 @@ def load_learned(model, state, source):
     """Load learned_state() tensors (read from `source`) into `model`; CLIP keeps its weights."""
     mine = learned_state(model)
     missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
-    wrong = [f"{k} {tuple(state[k].shape)} (this model: {tuple(v.shape)})"
-             for k, v in mine.items() if k in state and state[k].shape != v.shape]
+    # a float tensor loads into a float one of any precision; an integer or complex one would be
+    # cast (or rejected) without meaning what was learned
+    wrong = [f"{k} {tuple(state[k].shape)} {state[k].dtype} (this model: {tuple(v.shape)} "
+             f"{v.dtype})" for k, v in mine.items() if k in state and (
+                 state[k].shape != v.shape or state[k].is_complex() or
+                 state[k].is_floating_point() != v.is_floating_point())]
     if missing or unexpected or wrong:
         raise UsageError(f"{source} does not fit this {type(model).__name__}: missing "
-                         f"{missing[:4]}, unexpected {unexpected[:4]}, other shapes {wrong[:4]}")
+                         f"{missing[:4]}, unexpected {unexpected[:4]}, other shapes or dtypes "
+                         f"{wrong[:4]}")
     model.load_state_dict(state, strict=False)
 
 
@@ -99,12 +104,43 @@ def read(path, keys=("learned", "config")):
             and all(torch.is_tensor(v) for v in saved["learned"].values())):
         raise UsageError(f"{path} is not a file written by train.py (a dict with "
                          f"{', '.join(keys)}); pass a training run's output folder")
+    wrong = _unreadable(saved)
+    if wrong:
+        raise UsageError(f"{path} is not as train.py writes it: {wrong}; pass a training run's "
+                         "output folder, or train again")
     bad = [k for k, v in saved["learned"].items() if v.is_floating_point() and
            not torch.isfinite(v).all()]
     if bad:
         raise UsageError(f"{path} holds non-finite values (nan or inf) in {bad[:3]}: the run "
                          "diverged; train again with a lower --lr")
     return saved
+
+
+def _unreadable(saved):
+    """What train.py and tools/ read back from a saved dict that is not of the kind they read
+    (config.resolve, prepare, train.train, tools/predict.py), or None."""
+    cfg = saved["config"]
+    wrong = [k for k in ("method", "backbone", "protocol", "dataset", "root")
+             if not isinstance(cfg.get(k), str)]
+    wrong += ["backbone_id"] * ("backbone_id" in cfg and not isinstance(cfg["backbone_id"], str))
+    options = cfg.get("model_options")
+    if not (isinstance(options, list) and all(isinstance(k, str) for k in options)):
+        wrong.append("model_options")
+    if wrong:
+        return f"its config's {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} " \
+            f"{', '.join(repr(cfg.get(k, 'missing'))[:40] for k in wrong)}"
+    if not set(options) <= set(cfg):
+        return f"its config lacks the model options {sorted(set(options) - set(cfg))}"
+    names = saved.get("classnames", [""])
+    if not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
+        return f"its classnames are {str(names)[:60]}, not a list of class names"
+    if not (type(saved.get("epoch", 1)) is int and saved.get("epoch", 1) >= 1):
+        return f"its epoch is {saved['epoch']!r}, not a count of epochs done"
+    optimizer = saved.get("optimizer", {"state": {}, "param_groups": []})
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        return f"its optimizer state is {str(optimizer)[:60]}, not SGD's state_dict()"
+    return None
 
 
 def read_run(run_dir):

@@ -138,7 +138,11 @@ def train(model, loader, cfg, amp):
     if cfg["resume"]:  # the checkpoint's settings were checked by runs.prepare
         ckpt = runs.read(ckpt_path, keys=("learned", "config", "optimizer", "epoch"))
         runs.load_learned(model, ckpt["learned"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:  # torch checks that its parameter groups are this model's
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{ckpt_path}: its optimizer state does not fit this model ({e}); "
+                             "pass --overwrite to start again") from None
         start = ckpt["epoch"]
         print(f"resumed from {ckpt_path} after epoch {start}")
     last = min(epochs, cfg["stop_after_epoch"] or epochs)  # --stop-after-epoch: tests

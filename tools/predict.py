@@ -61,6 +61,7 @@ def load_prompts(path):
     (learned state dict, config, file, the classes it was learned for or None)."""
     saved = runs.read_run(path) if os.path.isdir(path) else runs.read(path)
     path = os.path.join(path, "learned.pt") if os.path.isdir(path) else path
+    config.check_saved(saved["config"], train.METHODS, path)
     return saved["learned"], saved["config"], path, saved.get("classnames")
 
 
