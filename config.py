@@ -221,6 +221,16 @@ def check_saved(cfg, methods, source):
     return cfg
 
 
+def check_vocabulary(clip_model, backbone):
+    """The prompts (train.py's and the tools') are tokenized with OpenAI's BPE: a CLIP with
+    another vocabulary (a Hugging Face model's own) has no rows for their ids."""
+    if clip_model.vocab_size != clip.tokenizer.EOT_TOKEN + 1:
+        raise UsageError(f"--backbone {backbone} has a vocabulary of {clip_model.vocab_size:,} "
+                         "tokens; the prompts are tokenized with OpenAI's BPE "
+                         f"({clip.tokenizer.EOT_TOKEN + 1:,} tokens): pass a CLIP trained with "
+                         "it")
+
+
 def check_device(name):
     """--device `name` (train.py's and the tools'), a device of this machine -> torch.device;
     else UsageError."""

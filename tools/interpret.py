@@ -132,7 +132,9 @@ def main(argv=None):
     state, cfg, path, _ = load_prompts(args.prompts)
     state = {k.removeprefix("prompt_learner."): v for k, v in state.items()}  # the learner's
     backbone = args.backbone or cfg["backbone"]
-    table = clip.load(backbone, "cpu")[0].token_embedding.weight.detach().float()  # (49408, D)
+    clip_model = clip.load(backbone, "cpu")[0]
+    config.check_vocabulary(clip_model, backbone)
+    table = clip_model.token_embedding.weight.detach().float()  # (49408, D)
     names = None
     if any(t.dim() == 3 for t in state.values()):  # class-specific: label by class name
         try:

@@ -205,6 +205,7 @@ def main(argv=None):
     classnames = class_list(args, cfg)
     paths = expand_images(args.images)
     clip_model, _ = clip.load(cfg["backbone"], args.device)
+    config.check_vocabulary(clip_model, cfg["backbone"])
     ds = data.Dataset(cfg["dataset"], classnames, [], [], [], clip.PHOTO)
     model = train.build_model(cfg, clip_model, ds)
     # per-class learned tensors (CoOp's csc, the linear probe) fit only the classes they learned

@@ -111,6 +111,7 @@ def main(argv=None):
     if not ds.test:
         raise data.DataError(f"{ds}: no test images to evaluate")
     clip_model, _ = clip.load(backbone, args.device)
+    config.check_vocabulary(clip_model, backbone)
     # train.py's precision: bf16 autocast on a GPU that has it, else fp32
     cuda = args.device.startswith("cuda")
     amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
