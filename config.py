@@ -32,8 +32,9 @@ RUN = dict(
     precision=None,  # None: amp on a GPU with bf16, else fp32
     out=None, eval_only=False, load=None, resume=False, overwrite=False, stop_after_epoch=None,
     checkpointing=False)
-# --workers above this is a typo, not a plan: each is a process, started at once
-MAX_WORKERS = 256
+# Above these, a typo, not a plan: each worker is a process, started at once; the papers train
+# 2 to 200 epochs, and 2**64 of them overflow the time estimates
+MAX_WORKERS, MAX_EPOCHS = 256, 1_000_000
 MODEL_FLAGS = ("n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth",
                "finetune_part", "template", "ensemble")
 
@@ -52,7 +53,9 @@ def number(kind, low=0, high=None, also=(), what=None):
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value not in also and not (value > low and (high is None or value < high)):
-            raise argparse.ArgumentTypeError(f"{what_is}, got {text}")
+            too_high = what is None and value > low
+            raise argparse.ArgumentTypeError(
+                f"{f'must be at most {high - 1:,}' if too_high else what_is}, got {text}")
         return value
     return parse
 
@@ -126,7 +129,7 @@ def make_parser(methods, description):
         "(default: the dataset's, CoOp's CUSTOM_TEMPLATES)")
     opt("--ensemble", action="store_true", default=None, help="zeroshot: prompt ensembling over "
         "7 ImageNet templates and the dataset's")
-    opt("--epochs", type=number(int), help=f"({d('epochs')}; coop by shots: 1 -> 50, 2-4 -> 100, "
+    opt("--epochs", type=number(int, high=MAX_EPOCHS + 1), help=f"({d('epochs')}; coop by shots: 1 -> 50, 2-4 -> 100, "
         "8-16 -> 200, ImageNet 50)")
     opt("--lr", type=number(float), help=f"SGD learning rate ({d('lr')})")
     opt("--batch-size", type=number(int), help=f"({d('batch_size')})")
