@@ -254,7 +254,7 @@ def backbone_id(backbone):
     the first and the last MiB), so a moved file is the same backbone and another is not."""
     if backbone in clip.available_models() or not os.path.exists(backbone):
         return backbone  # a name, or a file clip.load will report missing
-    files = [backbone] if os.path.isfile(backbone) else sorted(
+    files = [backbone] if not os.path.isdir(backbone) else sorted(  # /dev/null: a file
         e.path for e in os.scandir(backbone) if e.is_file())
     h = hashlib.sha256()
     for path in files:
