@@ -59,6 +59,11 @@ class Timeout(BaseException):
 
 
 # ---- running a vector, and judging what it did
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """Python's own: a warning goes to (the captured) stderr."""
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def execute(target, argv, cwd, limit_s=120):
     """Run the target's script as `python SCRIPT argv` would (its __main__ block), in-process,
     in `cwd` -> (exit status or None, stdout, stderr, the traceback of an escaped exception)."""
@@ -76,12 +81,13 @@ def execute(target, argv, cwd, limit_s=120):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
                 warnings.catch_warnings():
             warnings.simplefilter("default")  # as python does: to stderr, once per place
-            warnings.showwarning = lambda *w: sys.stderr.write(warnings.formatwarning(*w))
+            warnings.showwarning = show_warning
             runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     except BaseException as e:  # noqa: BLE001 - an escaped exception is what the fuzz seeks
-        crash = (traceback.format_exc(), "".join(traceback.format_exception_only(e)).strip())
+        code, crash = None, (traceback.format_exc(),
+                             "".join(traceback.format_exception_only(e)).strip())
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_alarm)
