@@ -60,6 +60,9 @@ PAIRS = {  # conflicting pairs: (what they test, the flags, with {run}: a run fo
 
 
 
+LEARNED = ["coop_fewshot", "coop_b2n", "coop_csc", "cocoop_b2n", "maple_b2n", "linearprobe"]
+
+
 class Draw:
     """One vector's drawing: its random generator, the world, its scratch folder."""
 
@@ -81,8 +84,7 @@ class Draw:
 
     def run(self, which=None, intact=False):
         """A copy of a fixture run folder, its learned.pt damaged one time in four."""
-        which = which or self.choice(["coop_fewshot", "coop_b2n", "coop_csc", "cocoop_b2n",
-                                      "maple_b2n", "linearprobe", "zeroshot_b2n", "interrupted"])
+        which = which or self.choice(LEARNED + ["zeroshot_b2n", "interrupted"])
         path = self.world.copy(which, self.scratch, os.path.basename(self.new_path(which)))
         learned = os.path.join(path, "learned.pt")
         if os.path.isfile(learned) and self.rng.random() < 0.25 and not intact:
@@ -173,7 +175,7 @@ class Draw:
 
     def damaged(self, name):
         """A run folder whose `name` (learned.pt, checkpoint.pt) is damaged."""
-        path = self.run("interrupted" if name == "checkpoint.pt" else "coop_fewshot", True)
+        path = self.run("interrupted" if name == "checkpoint.pt" else self.choice(LEARNED), True)
         self.notes.append(f"{name}: {damage(os.path.join(path, name), PT_DAMAGES, self.rng)}")
         return path
 
@@ -184,25 +186,25 @@ class Draw:
         self.notes.append(f"{os.path.basename(src)}: {damage(dst, table, self.rng)}")
         return dst
 
-    def run_tree(self):
+    def run_tree(self, damaged=0.5):
         """A folder of run copies for summarise, one results.json damaged half the time."""
         tree = self.new_path("runs")
         os.makedirs(tree)
         for which in self.rng.sample(["coop_fewshot", "coop_b2n", "linearprobe",
                                       "zeroshot_b2n", "maple_b2n"], self.rng.randint(1, 3)):
             self.world.copy(which, tree)
-        if self.rng.random() < 0.5:
+        if self.rng.random() < damaged:
             results = sorted(os.path.join(d, "results.json") for d, _, f in os.walk(tree)
                              if "results.json" in f)
             path = self.choice(results)
             self.notes.append(f"{path}: {damage(path, RESULTS_DAMAGES, self.rng)}")
         return tree
 
-    def dataset_root(self, name=None):
+    def dataset_root(self, name=None, damaged=0.5):
         """A copy of a dataset folder; a dtd copy has a damaged split or cache at times."""
         name = name or self.choice(["pets", "pets", "fruit", "odd", "dtd_root"])
         path = self.world.copy(name, self.scratch, os.path.basename(self.new_path(name)))
-        if name == "dtd_root" and self.rng.random() < 0.5:
+        if name == "dtd_root" and self.rng.random() < damaged:
             d = os.path.join(path, "dtd")
             if self.rng.random() < 0.5:
                 split = os.path.join(d, fuzz_world.DTD_SPLIT)
@@ -250,14 +252,11 @@ def base(g):
     if g.target == "predict":
         images = [f"{w.path('pets')}/cat", f"{w.path('pets')}/dog/0.png"][:r.randint(1, 2)]
         if r.random() < 0.7:
-            return [*images, "--load", g.run(g.choice(["coop_fewshot", "coop_b2n", "coop_csc",
-                                                        "cocoop_b2n", "maple_b2n",
-                                                        "linearprobe"])), "--device", "cpu"]
+            return [*images, "--load", g.run(g.choice(LEARNED)), "--device", "cpu"]
         return [*images, "--method", "zeroshot", "--backbone", w.tiny, "--classes",
                 "cat,dog", "--device", "cpu"]
     if g.target == "interpret":
-        return [g.run(g.choice(["coop_fewshot", "coop_b2n", "coop_csc", "cocoop_b2n",
-                                "maple_b2n", "linearprobe"]))]
+        return [g.run(g.choice(LEARNED))]
     if g.target == "summarise":
         return [g.run_tree()]
     if g.target == "reproduce":
@@ -268,6 +267,29 @@ def base(g):
             "--dataset", "folder", "--root", g.dataset_root("pets"), "--backbone", w.tiny,
             "--device", "cpu", "--batch-size", "8"]
     return ["--methods", "zeroshot", "--seeds", "1", "--out", g.new_path("check")]
+
+
+def damaged_base(g):
+    """A valid command line for g.target but for one file it reads, damaged; None for a
+    target that reads no file of train.py's."""
+    w = g.world
+    tiny = ["--dataset", "folder", "--root", w.path("pets"), "--backbone", w.tiny, "--shots",
+            "2", "--batch-size", "4", "--device", "cpu"]  # the fixture runs' settings
+    if g.target == "train":
+        return g.pick(lambda: tiny + ["--eval-only", "--load", g.damaged("learned.pt")],
+                      lambda: tiny + ["--method", "coop", "--protocol", "fewshot", "--epochs",
+                                      "2", "--resume", "--out", g.damaged("checkpoint.pt")],
+                      lambda: ["--dataset", "dtd", "--root", g.dataset_root("dtd_root", 1),
+                               *tiny[4:], "--epochs", "1"],
+                      lambda: tiny[:4] + ["--backbone", g.damaged_file(
+                          w.tiny, fuzz_world.CLIP_DAMAGES), *tiny[6:], "--epochs", "1"])
+    if g.target in ("predict", "interpret"):
+        run = g.damaged("learned.pt")
+        return [f"{w.path('pets')}/cat", "--load", run] if g.target == "predict" else [run]
+    if g.target == "summarise":
+        return [g.run_tree(damaged=1)]
+    return ["--methods", "zeroshot", "--seeds", "1", "--out", g.toy_check_out()] if \
+        g.target == "toy_check" else None
 
 
 def flag(g, parser):
@@ -298,10 +320,13 @@ def positional(g, parser):
 
 
 def draw(rng, world, scratch, target=None):
-    """One vector -> (target, argv, notes): the base, 1-4 drawn flags, maybe a pair."""
+    """One vector -> (target, argv, notes): the base, 1-4 drawn flags, maybe a pair; or, three
+    times in ten, a valid command but for one damaged file."""
     target = target or rng.choices(list(WEIGHTS), list(WEIGHTS.values()))[0]
     g = Draw(rng, world, scratch, target)
     parser = TARGETS[target].parser
+    if rng.random() < 0.3 and target not in ("reproduce", "templates"):  # the files it reads
+        return target, cap(target, damaged_base(g)), g.notes
     argv = base(g)
     if rng.random() < 0.15 and positional(g, parser):  # replace the positional argument
         first_opt = next((i for i, x in enumerate(argv) if x.startswith("--")), len(argv))
