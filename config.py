@@ -68,6 +68,14 @@ def template(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def words(text):
+    """An argparse type: context words for --ctx-init (clip.check_words)."""
+    try:
+        return clip.check_words(text, "context words")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _defaults(methods, key):
     """For --help: "coop 16, cocoop 4 ..." from the method files, other protocols in brackets."""
     return ", ".join(f"{m} {r.defaults[key]!r}" + "".join(
@@ -118,7 +126,7 @@ def make_parser(methods, description):
     opt = parser.add_argument_group("method (defaults: each method file's DEFAULTS; the toy run: "
                                     "toy/world.py RECIPES)").add_argument
     opt("--n-ctx", type=number(int), help=f"context tokens M ({d('n_ctx')})")
-    opt("--ctx-init", help=f"initial context words: the first n_ctx tokens are learned, the rest "
+    opt("--ctx-init", type=words, help=f"initial context words: the first n_ctx tokens are learned, the rest "
         f"stay fixed ({d('ctx_init')}); '' for random N(0, 0.02)")
     opt("--csc", action="store_true", default=None, help="coop: class-specific context")
     opt("--class-token-position", choices=["end", "middle", "front"], help="coop (end)")

@@ -53,3 +53,22 @@ def test_run_files_left_behind_by_a_refusal_are_found(tmp_path):
     assert fuzz.aftermath(None, "predict", [], 2, str(tmp_path), before, 10) == [
         f"left {os.path.join('new', 'results.json')} after exit 2"]
     assert fuzz.aftermath(None, "predict", [], 0, str(tmp_path), before, 10) == []
+
+
+def test_special_tokens_in_user_words_are_refused_where_parsed(tmp_path, capsys):
+    # "<|endoftext|>" in a prompt is encoded as EOT, where the text feature would be read
+    import argparse
+    import data
+    import train
+    from conftest import folder_dataset
+    from tools import predict
+    for flag in ("--ctx-init", "--template"):
+        with pytest.raises(SystemExit):
+            train.parser.parse_args([flag, "a <|endoftext|> {}"])
+        assert "holds CLIP's special token" in capsys.readouterr().err
+    folder_dataset(tmp_path / "pets", ["cat", "dog &lt;|startoftext|&gt;"])  # HTML-escaped too
+    with pytest.raises(data.DataError, match="class name 'dog &lt;.*special token"):
+        data.load("folder", tmp_path / "pets")
+    args = argparse.Namespace(classes="cat,<|endoftext|>", classes_file=None)
+    with pytest.raises(predict.UsageError, match="special token"):
+        predict.class_list(args, {"method": "zeroshot"})

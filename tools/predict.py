@@ -94,7 +94,10 @@ def class_list(args, cfg):
         return run_classes(cfg, args.subset)
     if len(names) < 2 or len(set(names)) != len(names):
         raise UsageError(f"need at least two distinct class names, got {names}")
-    return names
+    try:
+        return [clip.check_words(c, "the class name") for c in names]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_backbone(cfg, given, path):
