@@ -107,7 +107,7 @@ PYTHON_TEXT = re.compile(r"object has no attribute|is not subscriptable|unsuppor
                          r"must be real number|can't multiply sequence|invalid parse value|"
                          r"^error: '[^']*'$")
 # what only training can tell: a refusal after training started is fine for these
-LATE_OK = re.compile(r"the loss is|cannot write|no readable test images|--out")
+LATE_OK = re.compile(r"the loss is|cannot write|no readable test images")
 RUN_FILES = ("results.json", "learned.pt", "checkpoint.pt")
 
 
