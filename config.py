@@ -33,8 +33,8 @@ RUN = dict(
     out=None, eval_only=False, load=None, resume=False, overwrite=False, stop_after_epoch=None,
     checkpointing=False)
 # Above these, a typo, not a plan: each worker is a process, started at once; the papers train
-# 2 to 200 epochs, and 2**64 of them overflow the time estimates
-MAX_WORKERS, MAX_EPOCHS = 256, 1_000_000
+# 2 to 200 epochs, and 2**64 epochs overflow the time estimates, 2**64 images a batch the loader
+MAX_WORKERS, MAX_EPOCHS, MAX_BATCH = 256, 1_000_000, 1_000_000
 MODEL_FLAGS = ("n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth",
                "finetune_part", "template", "ensemble")
 
@@ -126,8 +126,8 @@ def make_parser(methods, description):
     opt = parser.add_argument_group("method (defaults: each method file's DEFAULTS; the toy run: "
                                     "toy/world.py RECIPES)").add_argument
     opt("--n-ctx", type=number(int), help=f"context tokens M ({d('n_ctx')})")
-    opt("--ctx-init", type=words, help=f"initial context words: the first n_ctx tokens are learned, the rest "
-        f"stay fixed ({d('ctx_init')}); '' for random N(0, 0.02)")
+    opt("--ctx-init", type=words, help=f"initial context words: the first n_ctx tokens are "
+        f"learned, the rest stay fixed ({d('ctx_init')}); '' for random N(0, 0.02)")
     opt("--csc", action="store_true", default=None, help="coop: class-specific context")
     opt("--class-token-position", choices=["end", "middle", "front"], help="coop (end)")
     opt("--prompt-depth", type=number(int), help=f"maple ({d('prompt_depth')})")
@@ -137,10 +137,10 @@ def make_parser(methods, description):
         "(default: the dataset's, CoOp's CUSTOM_TEMPLATES)")
     opt("--ensemble", action="store_true", default=None, help="zeroshot: prompt ensembling over "
         "7 ImageNet templates and the dataset's")
-    opt("--epochs", type=number(int, high=MAX_EPOCHS + 1), help=f"({d('epochs')}; coop by shots: 1 -> 50, 2-4 -> 100, "
-        "8-16 -> 200, ImageNet 50)")
+    opt("--epochs", type=number(int, high=MAX_EPOCHS + 1), help=f"({d('epochs')}; coop by "
+        "shots: 1 -> 50, 2-4 -> 100, 8-16 -> 200, ImageNet 50)")
     opt("--lr", type=number(float), help=f"SGD learning rate ({d('lr')})")
-    opt("--batch-size", type=number(int), help=f"({d('batch_size')})")
+    opt("--batch-size", type=number(int, high=MAX_BATCH + 1), help=f"({d('batch_size')})")
     return parser
 
 

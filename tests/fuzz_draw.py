@@ -43,7 +43,8 @@ HINTS = {"out": "out", "load": "run", "prompts": "run", "folder": "runs", "root"
          "backbone": "backbone", "classes_file": "text_file", "words": "text_file",
          "templates": "text_file", "images": "images", "device": "device", "method": "method",
          "dataset": "dataset", "datasets": "dataset", "methods": "method"}
-PAIRS = {  # conflicting pairs: (what they test, the flags, with {run}: a run folder)
+PAIRS = {  # conflicting options; {run}: a copy of a run, {bb}: another backbone, {fruit}: other
+    # classes, {classes}: a class-names file
     "train": [["--eval-only"], ["--load", "{run}"], ["--resume", "--overwrite"],
               ["--eval-only", "--load", "{run}", "--method", "cocoop"],
               ["--csc", "--protocol", "base2new"], ["--eval-only", "--load", "{run}", "--resume"],
@@ -57,9 +58,6 @@ PAIRS = {  # conflicting pairs: (what they test, the flags, with {run}: a run fo
                 ["--template", "a {}.", "--load", "{run}"], ["--subset", "new"],
                 ["--method", "zeroshot", "--load", "{run}"]],
 }
-
-
-
 LEARNED = ["coop_fewshot", "coop_b2n", "coop_csc", "cocoop_b2n", "maple_b2n", "linearprobe"]
 
 

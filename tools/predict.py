@@ -44,15 +44,16 @@ parser.add_argument("--method", help="zeroshot: hand-written prompts, no --load;
                     "check that --load holds this method's prompts")
 parser.add_argument("--backbone", help="zeroshot: the CLIP model (default ViT-B/16); with "
                     "--load: only to point at the same checkpoint file moved elsewhere")
-parser.add_argument("--template", type=config.template, help="zeroshot: prompt template (default 'a photo of a {}.')")
+parser.add_argument("--template", type=config.template, help="zeroshot: prompt template "
+                    "(default 'a photo of a {}.')")
 parser.add_argument("--classes", help="comma-separated class names (default: the run's)")
 parser.add_argument("--classes-file", help="class names, one per line")
 parser.add_argument("--subset", choices=["base", "new", "all"], help="which of the run's classes "
                     "(default: base for a base2new run, else all)")
 parser.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
 parser.add_argument("--out", help="also write the predictions to a .csv or .json file")
-parser.add_argument("--batch-size", type=config.number(int), default=64,
-                    help="images per forward pass")
+parser.add_argument("--batch-size", type=config.number(int, high=config.MAX_BATCH + 1),
+                    default=64, help="images per forward pass")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -50,7 +50,8 @@ parser.add_argument("--templates", metavar="FILE", help="templates, one per line
                     "notes' five: " + " | ".join(NOTES_TEMPLATES) + ")")
 parser.add_argument("--device", default=config.RUN["device"], help="cpu or cuda (default: "
                     f"{config.RUN['device']})")
-parser.add_argument("--batch-size", type=config.number(int), default=config.RUN["eval_batch_size"],
+parser.add_argument("--batch-size", default=config.RUN["eval_batch_size"],
+                    type=config.number(int, high=config.MAX_BATCH + 1),
                     help=f"test images per batch (default: {config.RUN['eval_batch_size']}, "
                     "train.py's)")
 parser.add_argument("--workers", default=config.RUN["workers"], type=config.number(
