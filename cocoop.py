@@ -82,6 +82,10 @@ class PromptLearner(nn.Module):
         super().__init__()
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        if n_ctx > clip_model.context_length - 4:  # before allocating: SOS, a name, ".", EOT
+            raise ValueError(f"n_ctx={n_ctx} context tokens do not fit the text encoder's "
+                             f"{clip_model.context_length} positions with SOS, a class name, '.' "
+                             f"and EOT: pass n_ctx <= {clip_model.context_length - 4}")
         D = clip_model.ln_final.weight.shape[0]  # text width, read from the model
         E = clip_model.visual.output_dim  # image feature dim = meta-net input
         embed = clip_model.token_embedding

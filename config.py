@@ -10,6 +10,7 @@ backbone are both toy: the default); a --load'ed run's settings; the command lin
 import argparse
 import functools
 import hashlib
+import math
 import os
 
 import torch
@@ -32,6 +33,9 @@ RUN = dict(
     out=None, eval_only=False, load=None, resume=False, overwrite=False, stop_after_epoch=None,
     checkpointing=False,
     eval_every=None)  # learning curves: evaluate both halves every N epochs (None: at the end)
+# Above these, a typo, not a plan: each worker is a process, started at once; the papers train
+# 2 to 200 epochs, and 2**64 epochs overflow the time estimates, 2**64 images a batch the loader
+MAX_WORKERS, MAX_EPOCHS, MAX_BATCH = 256, 1_000_000, 1_000_000
 MODEL_FLAGS = ("n_ctx", "ctx_init", "csc", "class_token_position", "prompt_depth",
                "finetune_part", "template", "ensemble")
 
@@ -41,10 +45,18 @@ def number(kind, low=0, high=None, also=(), what=None):
     """An argparse type: a number of `kind` greater than `low` (and below `high`), or one of
     `also` (e.g. -1 for all shots); `what` describes the valid values in the error."""
     def parse(text):
-        value = kind(text)
+        what_is = what or f"must be greater than {low}"
+        try:
+            value = kind(text)
+        except ValueError:  # argparse would say "invalid parse value"
+            raise argparse.ArgumentTypeError(f"{what_is}, got {text!r} (not a "
+                                             f"{'whole ' * (kind is int)}number)") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value not in also and not (value > low and (high is None or value < high)):
-            what_is = what or f"must be greater than {low}"
-            raise argparse.ArgumentTypeError(f"{what_is}, got {text}")
+            too_high = what is None and value > low
+            raise argparse.ArgumentTypeError(
+                f"{f'must be at most {high - 1:,}' if too_high else what_is}, got {text}")
         return value
     return parse
 
@@ -53,6 +65,14 @@ def template(text):
     """An argparse type: a prompt template, one {} for the class name (clip.check_template)."""
     try:
         return clip.check_template(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def words(text):
+    """An argparse type: context words for --ctx-init (clip.check_words)."""
+    try:
+        return clip.check_words(text, "context words")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -86,8 +106,8 @@ def make_parser(methods, description):
     run("--precision", choices=["amp", "fp32", "fp16"], help="amp: bf16 autocast, fp32 weights "
         "(default on a GPU); fp32 (default on the CPU); fp16: the official pure fp16, known to "
         "give NaN losses")
-    run("--workers", type=number(int, -1, what="0 or more"), help=f"data-loading processes "
-        f"(default: {RUN['workers']})")
+    run("--workers", type=number(int, -1, MAX_WORKERS + 1, what=f"0 to {MAX_WORKERS}"),
+        help=f"data-loading processes (default: {RUN['workers']})")
     run("--eval-every", type=number(int), metavar="N", help="evaluate both halves every N "
         "epochs too (and after the last): a learning curve, printed at the end and saved in "
         "results.json; each point costs one evaluation (default: off)")
@@ -110,8 +130,8 @@ def make_parser(methods, description):
     opt = parser.add_argument_group("method (defaults: each method file's DEFAULTS; the toy run: "
                                     "toy/world.py RECIPES)").add_argument
     opt("--n-ctx", type=number(int), help=f"context tokens M ({d('n_ctx')})")
-    opt("--ctx-init", help=f"initial context words: the first n_ctx tokens are learned, the rest "
-        f"stay fixed ({d('ctx_init')}); '' for random N(0, 0.02)")
+    opt("--ctx-init", type=words, help=f"initial context words: the first n_ctx tokens are "
+        f"learned, the rest stay fixed ({d('ctx_init')}); '' for random N(0, 0.02)")
     opt("--csc", action="store_true", default=None, help="coop: class-specific context")
     opt("--class-token-position", choices=["end", "middle", "front"], help="coop (end)")
     opt("--prompt-depth", type=number(int), help=f"maple ({d('prompt_depth')})")
@@ -121,10 +141,10 @@ def make_parser(methods, description):
         "(default: the dataset's, CoOp's CUSTOM_TEMPLATES)")
     opt("--ensemble", action="store_true", default=None, help="zeroshot: prompt ensembling over "
         "7 ImageNet templates and the dataset's")
-    opt("--epochs", type=number(int), help=f"({d('epochs')}; coop by shots: 1 -> 50, 2-4 -> 100, "
-        "8-16 -> 200, ImageNet 50)")
+    opt("--epochs", type=number(int, high=MAX_EPOCHS + 1), help=f"({d('epochs')}; coop by "
+        "shots: 1 -> 50, 2-4 -> 100, 8-16 -> 200, ImageNet 50)")
     opt("--lr", type=number(float), help=f"SGD learning rate ({d('lr')})")
-    opt("--batch-size", type=number(int), help=f"({d('batch_size')})")
+    opt("--batch-size", type=number(int, high=MAX_BATCH + 1), help=f"({d('batch_size')})")
     return parser
 
 
@@ -134,7 +154,8 @@ def resolve(args, methods):
     given = {k: v for k, v in vars(args).items() if v is not None}  # set on the command line
     saved = {}
     if "load" in given:  # the training run's method, backbone, protocol and options
-        cfg = runs.read_run(given["load"])["config"]
+        cfg = check_saved(runs.read_run(given["load"])["config"], methods,
+                          os.path.join(given["load"], "learned.pt"))
         saved = {k: cfg[k] for k in ("method", "backbone", "protocol", "dataset", "root",
                                      *cfg["model_options"]) if k in cfg}
         saved["backbone_id"] = cfg.get("backbone_id") or backbone_id(cfg["backbone"])
@@ -187,15 +208,7 @@ def check(cfg, given, saved, recipe):
     if saved and "backbone" in given and backbone_id(given["backbone"]) != saved["backbone_id"]:
         raise UsageError(f"--backbone {given['backbone']} is not the backbone {cfg['load']} was "
                          f"trained with ({saved['backbone']}): learned tensors work only with it")
-    try:
-        device = torch.device(cfg["device"])
-    except RuntimeError:  # not a device string torch knows
-        device = None
-    gpus = torch.cuda.device_count()
-    if device is None or device.type not in ("cpu", "cuda") or \
-            device.type == "cuda" and (device.index or 0) >= gpus:
-        raise UsageError(f"--device {cfg['device']}: torch finds {gpus} GPU(s) here; use cpu"
-                         f"{f' or cuda:0 .. cuda:{gpus - 1}' if gpus else ''}")
+    device = check_device(cfg["device"])
     if cfg["precision"] not in (None, "fp32") and device.type != "cuda":
         raise UsageError(f"--precision {cfg['precision']} needs a GPU; on the CPU use fp32")
     world_size = cfg["world_size"]
@@ -211,6 +224,50 @@ def folder(root, dataset, method, backbone, shots, protocol, seed):
     bb = backbone.replace("/", "-") if backbone in clip.available_models() else \
         os.path.splitext(os.path.basename(os.path.normpath(backbone)))[0]
     return os.path.join(root, dataset, method, f"{bb}_{shots}shots_{protocol}", f"seed{seed}")
+
+
+def check_saved(cfg, methods, source):
+    """A saved run's configuration (runs.read checked its keys), as train.py rebuilds the
+    model from it: a method of `methods`, its model options those of the method's recipe, each
+    of the recipe's type -> cfg; else UsageError naming `source`."""
+    recipe = methods.get(cfg["method"])
+    if recipe is None:
+        raise UsageError(f"{source} holds a run of the method {cfg['method']!r}, which this "
+                         f"train.py does not have ({', '.join(methods)})")
+    defaults = {**recipe.defaults, **recipe.protocols.get(cfg["protocol"], {})}
+    wrong = [f"{k}={cfg[k]!r:.40}" for k in cfg["model_options"] if k not in defaults or (
+        type(cfg[k]) not in (str, type(None)) if defaults[k] is None
+        else type(cfg[k]) is not type(defaults[k]))]
+    if wrong:
+        raise UsageError(f"{source}: its model options {', '.join(wrong)} are not those of "
+                         f"--method {cfg['method']}; pass a training run's output folder, or "
+                         "train again")
+    return cfg
+
+
+def check_vocabulary(clip_model, backbone):
+    """The prompts (train.py's and the tools') are tokenized with OpenAI's BPE: a CLIP with
+    another vocabulary (a Hugging Face model's own) has no rows for their ids."""
+    if clip_model.vocab_size != clip.tokenizer.EOT_TOKEN + 1:
+        raise UsageError(f"--backbone {backbone} has a vocabulary of {clip_model.vocab_size:,} "
+                         "tokens; the prompts are tokenized with OpenAI's BPE "
+                         f"({clip.tokenizer.EOT_TOKEN + 1:,} tokens): pass a CLIP trained with "
+                         "it")
+
+
+def check_device(name):
+    """--device `name` (train.py's and the tools'), a device of this machine -> torch.device;
+    else UsageError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device string torch knows
+        device = None
+    gpus = torch.cuda.device_count()
+    if device is None or device.type not in ("cpu", "cuda") or \
+            device.type == "cuda" and (device.index or 0) >= gpus:
+        raise UsageError(f"--device {name}: torch finds {gpus} GPU(s) here; use cpu"
+                         f"{f' or cuda:0 .. cuda:{gpus - 1}' if gpus else ''}")
+    return device
 
 
 def backbone_id(backbone):

@@ -88,6 +88,10 @@ class PromptLearner(nn.Module):
         super().__init__()
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        if n_ctx > clip_model.context_length - 4:  # before allocating: SOS, a name, ".", EOT
+            raise ValueError(f"n_ctx={n_ctx} context tokens do not fit the text encoder's "
+                             f"{clip_model.context_length} positions with SOS, a class name, '.' "
+                             f"and EOT: pass n_ctx <= {clip_model.context_length - 4}")
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"class_token_position must be 'end', 'middle' or 'front', "
                              f"got {class_token_position!r}")

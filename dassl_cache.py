@@ -39,12 +39,18 @@ def read(path, dataset_dir):
             cache = _Unpickler(f).load()
         # the official paths are absolute: keep the part after the dataset folder's name
         folder = "/" + os.path.basename(os.path.normpath(dataset_dir)) + "/"
+        if not (isinstance(cache, dict) and all(isinstance(v, list) for v in cache.values())):
+            raise CacheError(f"it holds {str(cache)[:40]}, not {{split: [Datum, ...]}}")
         out = {}
         for split, items in cache.items():
             out[split] = []
             for d in items:
-                if not isinstance(d, Datum) or not isinstance(d._label, int):
+                if not isinstance(d, Datum):
                     raise CacheError(f"{split} holds {type(d).__name__}, not Datum items")
+                if not (isinstance(getattr(d, "_label", None), int) and
+                        isinstance(getattr(d, "_impath", None), str)):
+                    raise CacheError(f"{split} holds a Datum whose label is not an int or "
+                                     f"whose image path is not a string ({str(vars(d))[:100]})")
                 _, found, rel = d._impath.replace("\\", "/").rpartition(folder)
                 if not found:
                     raise CacheError(f"{d._impath} does not lie under a folder {folder}")

@@ -87,6 +87,11 @@ def load(name, root, shots=-1, seed=1):
     splits, classnames = _subset(splits, names, labels)
     cached = _subset(cached, names, labels)[0] if cached else {}
     classnames = [c.replace("_", " ") for c in classnames]  # as every CoOp trainer does
+    for c in classnames:  # each goes into a prompt
+        try:
+            clip.check_words(c, "the class name")
+        except ValueError as e:
+            raise DataError(f"{name}: {e}") from None
     # One Random(seed), train then val, gives CoOp's few-shot picks for the same split order
     # (set_random_seed runs just before its sampling); any other random call in between, or
     # ImageNet's unsorted listdir order there (preprocessed.pkl keeps it), would change them.

@@ -180,6 +180,23 @@ def check_prompt_names(names, where, fix):
         first[ids] = name
 
 
+def _check_split(split, path, spec):
+    """CoOp's split format, checked before any of it is used: {"train"|"val"|"test": [[image
+    path, label >= 0, class name], ...]}. What is wrong first -> DataError naming the file."""
+    what = None if isinstance(split, dict) else f"{json.dumps(split)[:40]}, not an object"
+    for key in ("train", "val", "test"):
+        if what is None and not isinstance(split.get(key), list):
+            what = f"{key!r} is {'not a list' if key in split else 'missing'}"
+        for row in split[key] if what is None else ():
+            if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and
+                    type(row[1]) is int and row[1] >= 0 and isinstance(row[2], str)):
+                what = f"{key} holds {str(row)[:80]}, not [image path, label >= 0, class name]"
+                break
+    if what:
+        raise DataError(f"{spec['name']}: {path} is not a split in CoOp's format ({what}); "
+                        "download it again, or delete it if train.py wrote it")
+
+
 def _read_split(split, image_dir, spec):
     """A split in CoOp's JSON format (a dict, or the path of its file) -> (splits, names)."""
     if isinstance(split, str):
@@ -191,9 +208,10 @@ def _read_split(split, image_dir, spec):
             except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
                 raise DataError(f"{spec['name']}: {f.name} is not valid JSON ({e}); download it "
                                 "again, or delete it if train.py wrote it") from None
+        _check_split(split, f.name, spec)
     splits, names = {}, {}
     for key in ("train", "val", "test"):
-        rows = [(p, int(y), c) for p, y, c in split[key]
+        rows = [(p, y, c) for p, y, c in split[key]
                 if p.split("/")[0] not in spec.get("ignore", ())]
         splits[key] = [(os.path.join(image_dir, p), y) for p, y, _ in rows]
         names.update((y, spec.get("rename", {}).get(c, c)) for _, y, c in rows)  # one per label
@@ -316,7 +334,11 @@ def read(root, spec):
     d = os.path.join(root, spec["dir"])
     if kind == "toy":
         from toy import world  # lazy: only the toy entry needs it
-        d, template = world.ensure_dataset(root), world.TEMPLATE
+        try:  # rendered into the root on first use
+            d, template = world.ensure_dataset(root), world.TEMPLATE
+        except OSError as e:
+            raise DataError(f"toy: cannot render the toy dataset into {root}/toy ({e.strerror}):"
+                            " pass a --root that is a folder you can write to") from None
     if kind in ("imagenet", "wnids", "numbered"):  # listed from the folders: they exist
         return (*_read_imagenet_like(_need(d, spec), spec), template, d)
     if kind == "fgvc":

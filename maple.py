@@ -97,6 +97,10 @@ class MultiModalPromptLearner(nn.Module):
         super().__init__()
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        if n_ctx > clip_model.context_length - 4:  # before allocating: SOS, a name, ".", EOT
+            raise ValueError(f"n_ctx={n_ctx} context tokens do not fit the text encoder's "
+                             f"{clip_model.context_length} positions with SOS, a class name, '.' "
+                             f"and EOT: pass n_ctx <= {clip_model.context_length - 4}")
         D = clip_model.ln_final.weight.shape[0]  # text width, read from the model
         Dv = clip_model.visual.conv1.weight.shape[0]  # vision width (768 ViT-B, 1024 ViT-L)
         embed = clip_model.token_embedding

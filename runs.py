@@ -13,8 +13,9 @@ file under a run's name. train.py writes only into a folder that is new, empty o
 (nothing in it but the entries above): a user's own files are never replaced.
 
 Bad input, anywhere in train.py or tools/, raises UsageError (or data.DataError,
-clip.CheckpointError, clip.DownloadError): `run_cli` prints "error: <message>" and exits with
-status 2. Any other exception is a bug and keeps its traceback.
+clip.CheckpointError, clip.DownloadError, dassl_cache.CacheError): `run_cli` prints
+"error: <message>" and exits with status 2. Any other exception is a bug and keeps its
+traceback.
 """
 import contextlib
 import io
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import clip
+import dassl_cache
 import data
 
 
@@ -39,7 +41,8 @@ class Interrupted(Exception):
     """Ctrl-C during a run: one line, exit status 130."""
 
 
-USER_ERRORS = (UsageError, data.DataError, clip.CheckpointError, clip.DownloadError)
+USER_ERRORS = (UsageError, data.DataError, clip.CheckpointError, clip.DownloadError,
+               dassl_cache.CacheError)
 RUN_FILES = ("log.txt", "checkpoint.pt", "learned.pt", "results.json")
 COMMAND = "python train.py"  # the first line of a run's log.txt: how its folder is recognised
 # What shapes a run's result: --resume refuses a checkpoint written with other values.
@@ -63,11 +66,16 @@ def load_learned(model, state, source):
     """Load learned_state() tensors (read from `source`) into `model`; CLIP keeps its weights."""
     mine = learned_state(model)
     missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
-    wrong = [f"{k} {tuple(state[k].shape)} (this model: {tuple(v.shape)})"
-             for k, v in mine.items() if k in state and state[k].shape != v.shape]
+    # a float tensor loads into a float one of any precision; an integer or complex one would be
+    # cast (or rejected) without meaning what was learned
+    wrong = [f"{k} {tuple(state[k].shape)} {state[k].dtype} (this model: {tuple(v.shape)} "
+             f"{v.dtype})" for k, v in mine.items() if k in state and (
+                 state[k].shape != v.shape or state[k].is_complex() or
+                 state[k].is_floating_point() != v.is_floating_point())]
     if missing or unexpected or wrong:
         raise UsageError(f"{source} does not fit this {type(model).__name__}: missing "
-                         f"{missing[:4]}, unexpected {unexpected[:4]}, other shapes {wrong[:4]}")
+                         f"{missing[:4]}, unexpected {unexpected[:4]}, other shapes or dtypes "
+                         f"{wrong[:4]}")
     model.load_state_dict(state, strict=False)
 
 
@@ -79,7 +87,8 @@ def read(path, keys=("learned", "config")):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
-            AttributeError, ImportError, pickle.UnpicklingError) as e:  # torch.load's failures
+            AttributeError, UnicodeDecodeError, ImportError,
+            pickle.UnpicklingError) as e:  # torch.load's ways to fail (measured: bit flips)
         raise UsageError(f"cannot read {path} ({type(e).__name__}): it is not a complete file "
                          "written by train.py (truncated or replaced?); run training again") \
             from None
@@ -89,6 +98,10 @@ def read(path, keys=("learned", "config")):
             and CONFIG_KEYS <= set(saved["config"])):
         raise UsageError(f"{path} is not a file written by train.py (a dict with "
                          f"{', '.join(keys)}); pass a training run's output folder")
+    wrong = _unreadable(saved)
+    if wrong:
+        raise UsageError(f"{path} is not as train.py writes it: {wrong}; pass a training run's "
+                         "output folder, or train again")
     bad = [k for k, v in saved["learned"].items() if v.is_floating_point() and
            not torch.isfinite(v).all()]
     if bad:
@@ -97,12 +110,51 @@ def read(path, keys=("learned", "config")):
     return saved
 
 
+def _unreadable(saved):
+    """What train.py and tools/ read back from a saved dict that is not of the kind they read
+    (config.resolve, prepare, train.train, tools/predict.py), or None."""
+    cfg = saved["config"]
+    wrong = [k for k in ("method", "backbone", "protocol", "dataset", "root")
+             if not isinstance(cfg.get(k), str)]
+    wrong += ["backbone_id"] * ("backbone_id" in cfg and not isinstance(cfg["backbone_id"], str))
+    options = cfg.get("model_options")
+    if not (isinstance(options, list) and all(isinstance(k, str) for k in options)):
+        wrong.append("model_options")
+    if wrong:
+        return f"its config's {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} " \
+            f"{', '.join(repr(cfg.get(k, 'missing'))[:40] for k in wrong)}"
+    if not set(options) <= set(cfg):
+        return f"its config lacks the model options {sorted(set(options) - set(cfg))}"
+    names = saved.get("classnames", [""])
+    if not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
+        return f"its classnames are {str(names)[:60]}, not a list of class names"
+    if not (type(saved.get("epoch", 1)) is int and saved.get("epoch", 1) >= 1):
+        return f"its epoch is {saved['epoch']!r}, not a count of epochs done"
+    optimizer = saved.get("optimizer", {"state": {}, "param_groups": []})
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        return f"its optimizer state is {str(optimizer)[:60]}, not SGD's state_dict()"
+    return None
+
+
 def read_run(run_dir):
     """A finished run's learned.pt (see `read`), for --eval-only --load and tools/."""
     if not os.path.isfile(os.path.join(run_dir, "learned.pt")):
         raise UsageError(f"{run_dir} holds no learned.pt: pass the output folder of a finished "
                          "training run")
     return read(os.path.join(run_dir, "learned.pt"), keys=("learned", "config", "classnames"))
+
+
+def read_text(path, flag):
+    """A user's text file (`flag`: the option that named it, e.g. "--words") -> its text.
+    Missing, a folder, unreadable or not UTF-8: one UsageError naming the flag and file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text: {e.reason}"
+        raise UsageError(f"{flag} {path}: cannot read it as text ({why}); pass a UTF-8 "
+                         "text file") from None
 
 
 def _write(path, payload):

@@ -207,11 +207,7 @@ def build_models(cfg, halves):
     the first); every class's prompt is built, so checked, before any training."""
     torch.manual_seed(cfg["seed"])  # the global generator: the prompts' initialisation
     clip_model, _ = clip.load(cfg["backbone"], cfg["device"], fp16=cfg["precision"] == "fp16")
-    if clip_model.vocab_size != clip.tokenizer.EOT_TOKEN + 1:  # the prompts' ids would not fit
-        raise UsageError(f"--backbone {cfg['backbone']} has a vocabulary of "
-                         f"{clip_model.vocab_size:,} tokens; the prompts are tokenized with "
-                         f"OpenAI's BPE ({clip.tokenizer.EOT_TOKEN + 1:,} tokens): pass a CLIP "
-                         "trained with it")
+    config.check_vocabulary(clip_model, cfg["backbone"])  # the prompts' ids must fit
     for block in clip_model.transformer.resblocks:  # opt-in, see clip/model.py
         block.checkpoint = cfg["checkpointing"]
     models = {name: build_model(cfg, clip_model, half) for name, half in halves.items()}

@@ -8,8 +8,8 @@ Re-implementation of openai/CLIP (MIT licence; see LICENSE).
 """
 from .loading import MEAN, STD, DownloadError, available_models, load, load_state_dict, preprocess
 from .model import CLIP, CheckpointError, build_model
-from .tokenizer import PHOTO, check_template, decode, tokenize
+from .tokenizer import PHOTO, check_template, check_words, decode, tokenize
 
 __all__ = ["available_models", "load", "tokenize", "decode", "build_model", "preprocess",
            "load_state_dict", "CLIP", "MEAN", "STD", "CheckpointError", "DownloadError", "PHOTO",
-           "check_template"]
+           "check_template", "check_words"]

@@ -229,7 +229,7 @@ def _load_hf(path):
     sd = {}
     for file in hf.weight_files(path):
         sd.update(load_state_dict(file))
-    return build_model(hf.to_openai(sd, path), **arch)
+    return _build(hf.to_openai(sd, path), path, **arch)
 
 
 def _load_file(path):
@@ -239,7 +239,15 @@ def _load_file(path):
         raise CheckpointError(
             f"{path} holds a Hugging Face CLIPModel's weights: pass the folder that holds it "
             "with its config.json (which says the activation and the head counts)")
-    return build_model(sd)
+    return _build(sd, path)
+
+
+def _build(state_dict, path, **arch):
+    """build_model, its CheckpointError naming the file it came from."""
+    try:
+        return build_model(state_dict, **arch)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load(name, device=None, download_root=None, fp16=False, jit=False):

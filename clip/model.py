@@ -311,10 +311,18 @@ def build_model(state_dict, quick_gelu=True, **overrides):
             f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
             f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
             f"({len(unexpected)}). Is it a CLIP checkpoint in OpenAI's key layout?")
-    try:
-        model.load_state_dict(sd, strict=True)  # copies fp16 checkpoint values into fp32
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"the state dict does not fit the CLIP architecture: {e}") from None
+    wrong = [f"{k} {tuple(sd[k].shape)} {sd[k].dtype} (expected {tuple(v.shape)})"
+             for k, v in model.state_dict().items() if sd[k].shape != v.shape or
+             sd[k].is_floating_point() != v.is_floating_point()]
+    if wrong:
+        raise CheckpointError(f"the state dict does not fit the CLIP architecture its shapes "
+                              f"imply: {len(wrong)} tensors of another shape or dtype, e.g. "
+                              f"{', '.join(wrong[:3])}. Is the file damaged?")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"the state dict holds non-finite values (nan or inf) in "
+                              f"{', '.join(bad[:3])}: the file is damaged; download it again")
+    model.load_state_dict(sd, strict=True)  # copies fp16 checkpoint values into fp32
     return model.eval()
 
 

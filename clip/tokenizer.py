@@ -181,7 +181,17 @@ def check_template(template):
     if not isinstance(template, str) or "{}" not in template or "{" in rest or "}" in rest:
         raise ValueError(f"template {template!r} must hold exactly one {{}}, where the class "
                          "name goes, and no other braces (e.g. 'a photo of a {}.')")
-    return template
+    return check_words(template, "template")
+
+
+def check_words(text, what="text"):
+    """Words for a prompt (a template, context words, a class name) -> text; ValueError if they
+    hold a special token: encode() keeps "<|endoftext|>" (also HTML-escaped) as EOT, and the
+    text feature would be read there, at the first EOT, instead of at the prompt's end."""
+    if {SOT_TOKEN, EOT_TOKEN} & set(encode(text)):
+        raise ValueError(f"{what} {text!r} holds CLIP's special token <|startoftext|> or "
+                         "<|endoftext|>, which would cut the prompt short: remove it")
+    return text
 
 
 def token_strings():

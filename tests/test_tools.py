@@ -161,7 +161,7 @@ def test_interpret_reads_each_context_vector(world, tmp_path, capsys):
     assert list(maple) == ["ctx", "compound_prompts_text.0"]
     assert "skipped: proj.weight" in capsys.readouterr().out
     torch.save({"learned": {"prompt_learner.vision_ctx": torch.randn(8, 128)},
-                "config": dict(cfg, method="vpt")}, tmp_path / "vpt.pt")
+                "config": dict(cfg, method="vpt", model_options=[])}, tmp_path / "vpt.pt")
     with pytest.raises(runs.UsageError, match="this vpt run learned no text context"):
         interpret.main([str(tmp_path / "vpt.pt")])
     torch.save(torch.randn(4, 64), tmp_path / "random.pt")

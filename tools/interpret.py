@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 import clip  # noqa: E402
+import config  # noqa: E402
 import runs  # noqa: E402
 from runs import UsageError  # noqa: E402
 from clip.tokenizer import SOT_TOKEN, encode, token_strings  # noqa: E402
@@ -38,8 +39,8 @@ parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("prompts", help="a training run's output folder or its learned.pt")
 parser.add_argument("--topk", type=int, default=5, help="nearest tokens per vector (default 5)")
-parser.add_argument("--max-classes", type=int, default=3, help="class-specific context: show "
-                    "the first this many classes (default 3)")
+parser.add_argument("--max-classes", type=config.number(int), default=3, help="class-specific "
+                    "context: show the first this many classes (default 3)")
 parser.add_argument("--backbone", help="the run's backbone checkpoint, if moved elsewhere")
 parser.add_argument("--show", metavar="WORDS", help="comma-separated words: print each "
                     "vector's distance to them and their rank, e.g. --show outline,sketch")
@@ -69,8 +70,7 @@ def toy_words():
 def vocabulary(args, cfg):
     """Token ids to search (None: all) and a note saying why."""
     if args.words:
-        with open(args.words) as f:
-            words = f.read().split()
+        words = runs.read_text(args.words, "--words").split()
         why = f"only the tokens of the {len(words)} words in {args.words}"
     elif not args.all_tokens and (cfg["backbone"] == "toy" or cfg["dataset"] == "toy" and
                                   cfg["backbone"] not in clip.available_models()):
@@ -131,7 +131,9 @@ def main(argv=None):
     state, cfg, path, _ = load_prompts(args.prompts)
     state = {k.removeprefix("prompt_learner."): v for k, v in state.items()}  # the learner's
     backbone = args.backbone or cfg["backbone"]
-    table = clip.load(backbone, "cpu")[0].token_embedding.weight.detach().float()  # (49408, D)
+    clip_model = clip.load(backbone, "cpu")[0]
+    config.check_vocabulary(clip_model, backbone)
+    table = clip_model.token_embedding.weight.detach().float()  # (49408, D)
     names = None
     if any(t.dim() == 3 for t in state.values()):  # class-specific: label by class name
         try:

@@ -44,14 +44,16 @@ parser.add_argument("--method", help="zeroshot: hand-written prompts, no --load;
                     "check that --load holds this method's prompts")
 parser.add_argument("--backbone", help="zeroshot: the CLIP model (default ViT-B/16); with "
                     "--load: only to point at the same checkpoint file moved elsewhere")
-parser.add_argument("--template", type=config.template, help="zeroshot: prompt template (default 'a photo of a {}.')")
+parser.add_argument("--template", type=config.template, help="zeroshot: prompt template "
+                    "(default 'a photo of a {}.')")
 parser.add_argument("--classes", help="comma-separated class names (default: the run's)")
 parser.add_argument("--classes-file", help="class names, one per line")
 parser.add_argument("--subset", choices=["base", "new", "all"], help="which of the run's classes "
                     "(default: base for a base2new run, else all)")
 parser.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
 parser.add_argument("--out", help="also write the predictions to a .csv or .json file")
-parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+parser.add_argument("--batch-size", type=config.number(int, high=config.MAX_BATCH + 1),
+                    default=64, help="images per forward pass")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -60,6 +62,7 @@ def load_prompts(path):
     (learned state dict, config, file, the classes it was learned for or None)."""
     saved = runs.read_run(path) if os.path.isdir(path) else runs.read(path)
     path = os.path.join(path, "learned.pt") if os.path.isdir(path) else path
+    config.check_saved(saved["config"], train.METHODS, path)
     return saved["learned"], saved["config"], path, saved.get("classnames")
 
 
@@ -82,8 +85,8 @@ def class_list(args, cfg):
     if args.classes and args.classes_file:
         raise UsageError("give --classes or --classes-file, not both")
     if args.classes_file:
-        with open(args.classes_file) as f:
-            names = [s.strip() for s in f if s.strip() and not s.startswith("#")]
+        names = [s.strip() for s in runs.read_text(args.classes_file, "--classes-file")
+                 .split("\n") if s.strip() and not s.startswith("#")]
     elif args.classes:
         names = [s.strip() for s in args.classes.split(",") if s.strip()]
     elif cfg["method"] == "zeroshot":
@@ -92,7 +95,10 @@ def class_list(args, cfg):
         return run_classes(cfg, args.subset)
     if len(names) < 2 or len(set(names)) != len(names):
         raise UsageError(f"need at least two distinct class names, got {names}")
-    return names
+    try:
+        return [clip.check_words(c, "the class name") for c in names]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_backbone(cfg, given, path):
@@ -175,7 +181,12 @@ def predict(model, paths, n_px, device, batch_size=64):
 
 def write(out, rows):
     """rows: [(path, [(class, probability), ...])] -> CSV (one line per rank) or JSON."""
-    with open(out, "w", newline="") as f:
+    try:
+        f = open(out, "w", newline="")
+    except OSError as e:  # no such folder, a folder of that name, no permission
+        raise UsageError(f"--out {out}: cannot write it ({e.strerror}); pass another --out") \
+            from None
+    with f:
         if out.endswith(".json"):
             json.dump([{"image": p, "predictions": [{"class": c, "probability": round(q, 6)}
                                                     for c, q in top]} for p, top in rows],
@@ -192,13 +203,13 @@ def main(argv=None):
         raise UsageError(f"--out {args.out}: name a .csv or .json file")
     if args.topk < 1:
         raise UsageError("--topk must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+    config.check_device(args.device)
     cfg, state, source, learned_for = configure(args)
     cfg["device"] = args.device
     classnames = class_list(args, cfg)
     paths = expand_images(args.images)
     clip_model, _ = clip.load(cfg["backbone"], args.device)
+    config.check_vocabulary(clip_model, cfg["backbone"])
     ds = data.Dataset(cfg["dataset"], classnames, [], [], [], clip.PHOTO)
     model = train.build_model(cfg, clip_model, ds)
     # per-class learned tensors (CoOp's csc, the linear probe) fit only the classes they learned

@@ -36,8 +36,10 @@ import train  # noqa: E402
 from tools import summarise  # noqa: E402
 
 FEWSHOTS = [1, 2, 4, 8, 16]  # CoOp paper, Fig. 3
-# train.py's --method choices, so that methods added there are accepted here too
-METHOD_CHOICES = next(a.choices for a in train.parser._actions if a.dest == "method")
+# train.py's --method choices and --seed/--shots types, so that what train.py would refuse is
+# refused here, before any run
+TRAIN_FLAGS = {a.dest: a for a in train.parser._actions}
+METHOD_CHOICES = TRAIN_FLAGS["method"].choices
 TRAIN = os.path.join(ROOT, "train.py")
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -49,9 +51,9 @@ parser.add_argument("--method", choices=METHOD_CHOICES, help="default: coop for 
 parser.add_argument("--root", default="./data", help="data root (CoOp's DATASETS.md layout)")
 parser.add_argument("--datasets", nargs="+", metavar="NAME", help="default: the 11 datasets "
                     "(crossdataset: the 10 targets; domaingen: the 4 ImageNet variants)")
-parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-parser.add_argument("--shots", nargs="+", type=int, help="fewshot: default 1 2 4 8 16; "
-                    "others: 16")
+parser.add_argument("--seeds", nargs="+", type=TRAIN_FLAGS["seed"].type, default=[1, 2, 3])
+parser.add_argument("--shots", nargs="+", type=TRAIN_FLAGS["shots"].type,
+                    help="fewshot: default 1 2 4 8 16; others: 16")
 parser.add_argument("--backbone", help="default: RN50 for fewshot, ViT-B/16 otherwise")
 parser.add_argument("--out", default="out", help="output folder (default: out, where train.py "
                     "writes by default)")

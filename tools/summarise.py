@@ -52,19 +52,38 @@ def find_results(folder):
             try:
                 with open(path) as f:
                     r = json.load(f)
-                acc = {k: float(v) for k, v in r["accuracy"].items()}
-                if not ({"base", "new"} <= set(acc) or "all" in acc):
-                    raise KeyError("accuracy has neither base/new nor all")
-                r["method"], r["dataset"], r["protocol"], r["shots"]  # noqa: B018 - must exist
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                print(f"warning: skipping {path}: not a train.py results.json ({e!r})",
-                      file=sys.stderr)
+                check_result(r)
+            except (OSError, ValueError) as e:
+                print(f"warning: skipping {path}: not a train.py results.json "
+                      f"({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
                 continue
             runs[os.path.realpath(d)] = r
     if not runs:
         raise UsageError(f"no usable results.json below {folder}: pass train.py's "
                          "output folder")
     return runs
+
+
+def check_result(r):
+    """A results.json's content as train.py writes it: what this file reads of it, of the types
+    it reads; else ValueError saying what is not."""
+    if not isinstance(r, dict):
+        raise ValueError(f"{json.dumps(r)[:40]}, not an object")
+    acc, cfg = r.get("accuracy"), r.get("config", {})
+    need = dict(method=str, dataset=str, protocol=str, shots=int)
+    wrong = [k for k, t in need.items() if type(r.get(k)) is not t] + \
+        [k for k, t in (("backbone", str), ("seed", int)) if k in r and type(r[k]) is not t]
+    halves = {"base", "new"} if r.get("protocol") == "base2new" else {"all"}
+    if not wrong and not (isinstance(acc, dict) and halves <= set(acc) and all(
+            type(v) in (int, float) and math.isfinite(v) for v in acc.values())):
+        wrong = ["accuracy"]
+    if not wrong and not (isinstance(cfg, dict) and isinstance(cfg.get("model_options", []), list)
+                          and all(isinstance(k, str) and k in cfg
+                                  for k in cfg.get("model_options", []))
+                          and isinstance(cfg.get("load", ""), (str, type(None)))):
+        wrong = ["config"]
+    if wrong:
+        raise ValueError(f"{wrong[0]} is {r.get(wrong[0], 'missing')!r:.60}")
 
 
 def order(names):

@@ -50,20 +50,19 @@ parser.add_argument("--templates", metavar="FILE", help="templates, one per line
                     "notes' five: " + " | ".join(NOTES_TEMPLATES) + ")")
 parser.add_argument("--device", default=config.RUN["device"], help="cpu or cuda (default: "
                     f"{config.RUN['device']})")
-parser.add_argument("--batch-size", type=int, default=config.RUN["eval_batch_size"],
+parser.add_argument("--batch-size", default=config.RUN["eval_batch_size"],
+                    type=config.number(int, high=config.MAX_BATCH + 1),
                     help=f"test images per batch (default: {config.RUN['eval_batch_size']}, "
                     "train.py's)")
-parser.add_argument("--workers", type=int, default=config.RUN["workers"],
+parser.add_argument("--workers", default=config.RUN["workers"], type=config.number(
+                    int, -1, config.MAX_WORKERS + 1, what=f"0 to {config.MAX_WORKERS}"),
                     help=f"data-loading processes (default: {config.RUN['workers']})")
 
 
 def read_templates(path):
     """The templates of a file, one per line; each holds one "{}" for the class name."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [(i, line.strip()) for i, line in enumerate(f, 1)]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--templates {path}: cannot read it as text ({e})") from None
+    lines = [(i, line.strip()) for i, line in
+             enumerate(runs.read_text(path, "--templates").split("\n"), 1)]
     templates = [(i, t) for i, t in lines if t and not t.startswith("#")]
     if not templates:
         raise UsageError(f"--templates {path}: no template in the file (one per line)")
@@ -107,13 +106,13 @@ def accuracy(clip_model, classnames, template, feats, amp):
 def main(argv=None):
     args = parser.parse_args(argv)
     templates = read_templates(args.templates) if args.templates else NOTES_TEMPLATES
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+    config.check_device(args.device)
     backbone = args.backbone or ("toy" if args.dataset == "toy" else config.RUN["backbone"])
     ds = data.load(args.dataset, args.root)  # all classes; the test split is never sampled
     if not ds.test:
         raise data.DataError(f"{ds}: no test images to evaluate")
     clip_model, _ = clip.load(backbone, args.device)
+    config.check_vocabulary(clip_model, backbone)
     # train.py's precision: bf16 autocast on a GPU that has it, else fp32
     cuda = args.device.startswith("cuda")
     amp = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,

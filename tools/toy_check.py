@@ -25,6 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
+import runs  # noqa: E402
 import train  # noqa: E402
 
 METHODS = ["zeroshot", "coop", "cocoop", "maple", "finetune"]
@@ -62,7 +63,8 @@ CHECKS = {
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+parser.add_argument("--seeds", nargs="+", default=[1, 2, 3, 4, 5],  # train.py's --seed type
+                    type=next(a.type for a in train.parser._actions if a.dest == "seed"))
 parser.add_argument("--methods", nargs="+", default=METHODS, choices=list(train.METHODS),
                     help="default: " + " ".join(METHODS))
 parser.add_argument("--out", default=os.path.join("out", "toy_check"))
@@ -78,10 +80,17 @@ def run(method, seed, args):
         with contextlib.redirect_stdout(io.StringIO()):  # the runs' own logs are in OUT
             train.main(["--method", method, "--seed", str(seed), "--out", out, "--overwrite",
                         *curve])
-    with open(done) as f:
-        results = json.load(f)
-    return {**results["accuracy"], "curve": results.get("curve", []),
-            "seconds": results["train_seconds"]}
+    try:
+        with open(done) as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not JSON
+        r = f"{type(e).__name__}: {e}"
+    acc = r.get("accuracy") if isinstance(r, dict) else r
+    if not (isinstance(acc, dict) and
+            all(type(acc.get(k)) in (int, float) for k in ("base", "new", "hm"))):
+        raise runs.UsageError(f"{done} is not a base-to-new results.json that train.py wrote "
+                              f"({str(acc)[:100]}): pass --rerun to train it again")
+    return {**acc, "curve": r.get("curve", []), "seconds": r.get("train_seconds")}
 
 
 def main(argv=None):
@@ -108,4 +117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main() else 0)
+    runs.run_cli(lambda: sys.exit(1 if main() else 0))
