@@ -169,3 +169,15 @@ def test_a_pickle_that_is_not_a_run_file_is_one_error(tmp_path):
     torch.save(collections.Counter(a=1), path)
     with pytest.raises(UsageError, match="learned.pt"):
         runs.read(str(path))
+
+
+def test_a_bug_keeps_its_traceback(capsys):
+    """Only the project's bad-input errors become "error: ..."; a ValueError from a bug (a shape
+    mismatch inside torch, say) propagates with its traceback."""
+    def bug():
+        raise ValueError("a bug, not bad input")
+    with pytest.raises(ValueError, match="a bug, not bad input"):
+        runs.run_cli(bug)
+    with pytest.raises(SystemExit) as info:
+        runs.run_cli(lambda: (_ for _ in ()).throw(UsageError("bad input")))
+    assert info.value.code == 2 and capsys.readouterr().err == "error: bad input\n"
