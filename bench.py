@@ -185,9 +185,11 @@ def settings(args):
         return TINY, CALTECH101[:10], dict(coop=4, cocoop=2, maple=2, kgcoop=4, promptsrc=2,
                                            eval=8), options
     if args.model == "toy":  # the default toy run (train.py with no arguments) of each method
+        import config
         import train
         from toy import pretrain, world
-        cfg = {m: train.resolve_config(train.parser.parse_args(["--method", m])) for m in methods}
+        cfg = {m: config.resolve(train.parser.parse_args(["--method", m]), train.METHODS)
+               for m in methods}
         base = world.TASK["classes"][:(len(world.TASK["classes"]) + 1) // 2]  # the base half
         return (pretrain.CONFIG, base, dict({m: c["batch_size"] for m, c in cfg.items()},
                                             eval=cfg["coop"]["eval_batch_size"]),

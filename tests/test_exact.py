@@ -199,3 +199,10 @@ def test_bench_rows_step_against_their_reference_on_the_same_prompts(method):
     (F.cross_entropy(model(images), labels) + sum(model.loss_terms().values())).backward()
     for g, p in zip(grads, model.prompt_learner.parameters()):
         torch.testing.assert_close(g, p.grad)  # the step's loss is L_ce + the terms
+
+
+def test_bench_toy_settings_are_the_default_toy_runs():
+    """bench.py --model toy times each method's default toy run: its batch sizes and options."""
+    _, names, batch, options = bench.settings(bench.parser.parse_args(["--model", "toy"]))
+    assert len(names) == 6 and batch["coop"] == 32 and batch["cocoop"] == 1
+    assert options["maple"]["prompt_depth"] == 3 and options["coop"]["n_ctx"] == 4
