@@ -227,9 +227,22 @@ def folder(root, dataset, method, backbone, shots, protocol, seed):
 
 
 def check_saved(cfg, methods, source):
-    """A saved run's configuration (runs.read checked its keys), as train.py rebuilds the
-    model from it: a method of `methods`, its model options those of the method's recipe, each
-    of the recipe's type -> cfg; else UsageError naming `source`."""
+    """A saved run's configuration (learned.pt's, results.json's) as train.py and tools/ read it
+    back: the run's strings and counts of their types, a method of `methods`, its model options
+    those of the method's recipe, each of the recipe's type -> cfg; else UsageError naming
+    `source`."""
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{source} holds {str(cfg)[:40]} where train.py saves the run's "
+                         "configuration; pass a training run's output folder")
+    options = cfg.get("model_options")
+    wrong = [k for k in ("method", "protocol", "backbone", "dataset", "root")
+             if not isinstance(cfg.get(k), str)] + \
+        [k for k in ("seed", "shots", "epochs", "eval_batch_size") if type(cfg.get(k)) is not int]
+    if wrong or not (isinstance(options, list) and all(isinstance(k, str) and k in cfg
+                                                       for k in options)):
+        k = (wrong or ["model_options"])[0]
+        raise UsageError(f"{source}: its configuration's {k} is {cfg.get(k, 'missing')!r:.40}; "
+                         "pass a training run's output folder, or train again")
     recipe = methods.get(cfg["method"])
     if recipe is None:
         raise UsageError(f"{source} holds a run of the method {cfg['method']!r}, which this "

@@ -15,14 +15,16 @@ import os
 import config
 import data
 import train
-from tools import interpret, predict, reproduce, summarise, templates, toy_check
+from tools import (conditioning, distortion, interpret, predict, reproduce, summarise,
+                   templates, toy_check)
 import fuzz_world
 from fuzz_world import PT_DAMAGES, RESULTS_DAMAGES, SPLIT_DAMAGES, damage
 
 TARGETS = {"train": train, "predict": predict, "interpret": interpret, "summarise": summarise,
-           "reproduce": reproduce, "templates": templates, "toy_check": toy_check}
+           "reproduce": reproduce, "templates": templates, "toy_check": toy_check,
+           "distortion": distortion, "conditioning": conditioning}
 WEIGHTS = {"train": 60, "predict": 12, "interpret": 8, "summarise": 7, "reproduce": 6,
-           "templates": 5, "toy_check": 2}
+           "templates": 5, "toy_check": 2, "distortion": 4, "conditioning": 3}
 INTS = ["0", "-1", "-2", "2147483648", "4294967295", "4294967296", "18446744073709551616",
         "abc", "", "1.5", "1e3", "0x10", "+1", "-0", " 7", "٣", "1_0"]
 FLOATS = ["0", "-0", "-0.0", "1e308", "1e309", "nan", "inf", "-inf", "abc", "", "5e-324",
@@ -39,7 +41,8 @@ TEMPLATES = ["a photo of a {}.", "{} texture.", "{}", "", "no braces", "{}{}", "
              "{", "}", "{{}}", "%s", "a " * 100 + "{}", "一张{}的照片", "a {} {"]
 DEVICES = ["cpu", "cuda", "cuda:0", "cuda:1", "cuda:-1", "cpu:0", "cpu:-1", "meta", "mps",
            "xla", "abc", "", "CPU", "cuda:99999999999999999999", " cpu"]
-HINTS = {"out": "out", "load": "run", "prompts": "run", "folder": "runs", "root": "root",
+HINTS = {"out": "out", "load": "run", "prompts": "run", "runs": "run", "folder": "runs",
+         "root": "root", "json": "file_out", "plot": "file_out",
          "backbone": "backbone", "classes_file": "text_file", "words": "text_file",
          "templates": "text_file", "images": "images", "device": "device", "method": "method",
          "dataset": "dataset", "datasets": "dataset", "methods": "method"}
@@ -108,8 +111,9 @@ class Draw:
             return self.choice(TEMPLATES)
         if kind == "device":
             return "cpu" if valid else self.choice(DEVICES)
-        if kind == "out" and self.target == "predict":
+        if kind == "file_out" or kind == "out" and self.target == "predict":
             return self.pick(lambda: self.new_path() + ".csv", lambda: self.new_path() + ".json",
+                             lambda: self.new_path() + ".png",
                              lambda: self.new_path() + ".txt", self.scratch + "/a/b.csv",
                              "/proc/x.csv", self.scratch, lambda: self.folder(".csv"),
                              lambda: self.run("coop_fewshot") + "/results.json")
@@ -255,6 +259,10 @@ def base(g):
                 "cat,dog", "--device", "cpu"]
     if g.target == "interpret":
         return [g.run(g.choice(LEARNED))]
+    if g.target in ("distortion", "conditioning"):
+        which = g.choice(LEARNED + ["zeroshot_b2n"]) if g.target == "distortion" else \
+            "cocoop_b2n"
+        return [g.run(which), "--device", "cpu"]
     if g.target == "summarise":
         return [g.run_tree()]
     if g.target == "reproduce":
@@ -281,7 +289,7 @@ def damaged_base(g):
                                *tiny[4:], "--epochs", "1"],
                       lambda: tiny[:4] + ["--backbone", g.damaged_file(
                           w.tiny, fuzz_world.CLIP_DAMAGES), *tiny[6:], "--epochs", "1"])
-    if g.target in ("predict", "interpret"):
+    if g.target in ("predict", "interpret", "distortion", "conditioning"):
         run = g.damaged("learned.pt")
         return [f"{w.path('pets')}/cat", "--load", run] if g.target == "predict" else [run]
     if g.target == "summarise":

@@ -48,7 +48,8 @@ parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="CoCoOp train.py 
 parser.add_argument("--root", help="the data root, when the runs' data moved (default: the "
                     "root each run saved)")
 parser.add_argument("--device", default=config.RUN["device"])
-parser.add_argument("--workers", type=int, default=config.RUN["workers"],
+parser.add_argument("--workers", default=config.RUN["workers"], type=config.number(
+                    int, -1, config.MAX_WORKERS + 1, what=f"0 to {config.MAX_WORKERS}"),
                     help=f"data-loading processes (default: {config.RUN['workers']})")
 parser.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
 
@@ -134,15 +135,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.json and not args.json.endswith(".json"):
         raise UsageError(f"--json {args.json}: name a .json file")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+    config.check_device(args.device)
     results = []
     for path in args.runs:
         results.append(measure(path, args))
         print_run(results[-1])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        except OSError as e:  # no such folder, a folder of that name, no permission
+            raise UsageError(f"--json {args.json}: cannot write it ({e.strerror})") from None
         print(f"wrote {args.json}")
     return results
 

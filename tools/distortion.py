@@ -65,13 +65,17 @@ parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py output 
 parser.add_argument("--root", help="the data root, when the runs' data moved (default: the "
                     "root each run saved)")
 parser.add_argument("--device", default=config.RUN["device"])
-parser.add_argument("--workers", type=int, default=config.RUN["workers"],
+parser.add_argument("--workers", default=config.RUN["workers"], type=config.number(
+                    int, -1, config.MAX_WORKERS + 1, what=f"0 to {config.MAX_WORKERS}"),
                     help=f"data-loading processes (default: {config.RUN['workers']})")
-parser.add_argument("--max-rows", type=int, default=20, help="classes listed per half, most "
+parser.add_argument("--max-rows", type=config.number(int, -1, what="0 or more"),
+                    default=20, help="classes listed per half, most "
                     "distorted first (default 20; --json has all)")
-parser.add_argument("--max-matrix", type=int, default=20, help="print the confusion matrices "
+parser.add_argument("--max-matrix", type=config.number(int, -1, what="0 or more"),
+                    default=20, help="print the confusion matrices "
                     "up to this many classes (default 20; --json has them always)")
-parser.add_argument("--pairs", type=int, default=5, help="most pulled pairs shown (default 5)")
+parser.add_argument("--pairs", type=config.number(int, -1, what="0 or more"),
+                    default=5, help="most pulled pairs shown (default 5)")
 parser.add_argument("--plot", metavar="PNG", help="one run: its two confusion matrices; several: "
                     "new-accuracy change against mean distance (needs matplotlib)")
 parser.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
@@ -87,9 +91,11 @@ def open_run(path):
         return cfg, state
     with open(results) as f:
         try:
-            cfg = json.load(f)["config"]
-        except (ValueError, KeyError, TypeError):
+            cfg = json.load(f)
+        except ValueError:
             raise UsageError(f"{results} is not a results.json written by train.py") from None
+    cfg = config.check_saved(cfg.get("config") if isinstance(cfg, dict) else cfg,
+                             train.METHODS, results)
     if cfg.get("load"):
         raise UsageError(f"{path} is an --eval-only run: pass the training run it loaded, "
                          f"{cfg['load']}")
@@ -327,8 +333,7 @@ def main(argv=None):
         raise UsageError(f"--json {args.json}: name a .json file")
     if args.plot and not args.plot.endswith(".png"):
         raise UsageError(f"--plot {args.plot}: name a .png file")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}, but torch finds no CUDA GPU; use cpu")
+    config.check_device(args.device)
     cache = {}
     results = []
     for path in args.runs:
@@ -336,8 +341,11 @@ def main(argv=None):
         print_run(results[-1], args)
     corr = summarise(results)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(runs=results, correlation=corr), f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(dict(runs=results, correlation=corr), f, indent=1)
+        except OSError as e:  # no such folder, a folder of that name, no permission
+            raise UsageError(f"--json {args.json}: cannot write it ({e.strerror})") from None
         print(f"wrote {args.json}")
     if args.plot:
         plot(results, args.plot)
