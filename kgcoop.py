@@ -96,6 +96,10 @@ class PromptLearner(nn.Module):
 
         if not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        if n_ctx > clip_model.context_length - 4:  # before allocating: SOS, a name, ".", EOT
+            raise ValueError(f"n_ctx={n_ctx} context tokens do not fit the text encoder's "
+                             f"{clip_model.context_length} positions with SOS, a class name, '.' "
+                             f"and EOT: pass n_ctx <= {clip_model.context_length - 4}")
         # notes: "什么是上下文" -- the context replaces the words of "a photo of a {}.".
         if ctx_init:  # the context rule: see the module docstring
             # NOTE(official code): KgCoOp reads CTX_INIT as a flag and always starts from "a

@@ -149,6 +149,11 @@ class VLPromptLearner(nn.Module):
                                ("n_ctx_vision", n_ctx_vision, vision_depth)):
             if depth and (not isinstance(n, int) or n < 1):  # unused where its depth is 0
                 raise ValueError(f"{name} must be a positive int, got {n!r}")
+        if text_depth and n_ctx_text > clip_model.context_length - 4:  # SOS, name, ".", EOT
+            raise ValueError(f"n_ctx_text={n_ctx_text} context tokens do not fit the text "
+                             f"encoder's {clip_model.context_length} positions with SOS, a class "
+                             f"name, '.' and EOT: pass n_ctx_text <= "
+                             f"{clip_model.context_length - 4}")
         D = clip_model.ln_final.weight.shape[0]  # text width, read from the model
         Dv = clip_model.visual.conv1.weight.shape[0]  # vision width (768 ViT-B, 1024 ViT-L)
         embed = clip_model.token_embedding
