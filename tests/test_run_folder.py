@@ -45,6 +45,11 @@ def test_a_folder_with_the_users_files_is_refused_and_left_alone(world, tmp_path
     with pytest.raises(UsageError, match="holds files that train.py did not write"):
         train.main(args(world["tmp"], world["pets"], tmp_path))
     assert os.listdir(tmp_path) == ["photo.jpg"]
+    (tmp_path / "photo.jpg").unlink()
+    (tmp_path / "holiday").mkdir()  # a folder of the user's, not an eval_* run
+    with pytest.raises(UsageError, match="holds files that train.py did not write"):
+        train.main(args(world["tmp"], world["pets"], tmp_path, "--overwrite"))
+    assert os.listdir(tmp_path) == ["holiday"]
 
 
 def test_overwrite_replaces_the_whole_run_eval_folders_included(world, tmp_path):
