@@ -34,9 +34,18 @@ class _Unpickler(pickle.Unpickler):
 
 def read(path, dataset_dir):
     """A cache file -> {split: [(image path under `dataset_dir`, label)]}."""
+    def refuse(why):
+        return CacheError(f"{path} is not a cache the official code writes ({why}); delete it "
+                          "(or move it away) to use our sampler")
     try:
         with open(path, "rb") as f:
             cache = _Unpickler(f).load()
+    except CacheError as e:  # a class other than Datum, refused before it was loaded
+        raise refuse(e) from None
+    except (pickle.UnpicklingError, AttributeError, TypeError, ValueError, EOFError, IndexError,
+            KeyError, OverflowError, MemoryError) as e:  # what damaged bytes raise (measured)
+        raise refuse(f"it does not unpickle: {type(e).__name__}") from None
+    try:
         # the official paths are absolute: keep the part after the dataset folder's name
         folder = "/" + os.path.basename(os.path.normpath(dataset_dir)) + "/"
         if not (isinstance(cache, dict) and all(isinstance(v, list) for v in cache.values())):
@@ -55,10 +64,8 @@ def read(path, dataset_dir):
                 if not found:
                     raise CacheError(f"{d._impath} does not lie under a folder {folder}")
                 out[split].append((os.path.join(dataset_dir, rel), d._label))
-    except (CacheError, pickle.UnpicklingError, AttributeError, TypeError, ValueError,
-            EOFError) as e:
-        raise CacheError(f"{path} is not a cache the official code writes ({e}); delete it (or "
-                         "move it away) to use our sampler") from None
+    except CacheError as e:
+        raise refuse(e) from None
     return out
 
 

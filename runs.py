@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import sys
 
 import torch
@@ -87,8 +88,9 @@ def read(path, keys=("learned", "config")):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
-            AttributeError, UnicodeDecodeError, ImportError,
-            pickle.UnpicklingError) as e:  # torch.load's ways to fail (measured: bit flips)
+            AttributeError, UnicodeDecodeError, ImportError, pickle.UnpicklingError,
+            struct.error, AssertionError) as e:  # torch.load's ways to fail (measured: bit
+        # flips and cuts of the zip and of the legacy format, whose reader asserts on its input)
         raise UsageError(f"cannot read {path} ({type(e).__name__}): it is not a complete file "
                          "written by train.py (truncated or replaced?); run training again") \
             from None

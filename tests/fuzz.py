@@ -240,7 +240,7 @@ def run_vector(world, seed, i, root, limit_s):
     os.symlink(world.toy_root, os.path.join(scratch, "data"))  # the default --root ./data
     target, argv, notes = draw(rng, world, scratch)
     ns = quiet_parse(TARGETS[target].parser, argv[:argv.index("--")] if "--" in argv else argv)
-    if (getattr(ns, "workers", None) or 0) > 8:  # the pools draw 0, 1 or absurd counts
+    if (getattr(ns, "workers", None) or 0) > config.MAX_WORKERS:
         return target, argv, notes, None, "", [f"--workers {ns.workers} accepted: not run, it "
                                                "would start that many processes"]
     before = run_files(scratch)
