@@ -97,3 +97,11 @@ def folder_dataset(root, classes, per_class=6, seed=0):
             pixels = np.full((32, 32, 3), rng.integers(0, 256, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(os.path.join(root, c, f"{i}.png"))
     return str(root)
+
+
+def tiny_world(tmp):
+    """A tiny random CLIP checkpoint and a 4-class folder dataset under `tmp` (train.py's
+    --backbone and --root for quick end-to-end runs)."""
+    torch.save(make_tiny_clip().state_dict(), tmp / "tiny.pt")
+    return dict(tmp=tmp, ckpt=str(tmp / "tiny.pt"),
+                data=folder_dataset(tmp / "pets", ["cat", "dog", "red fox", "sea_lion"]))

@@ -10,7 +10,7 @@ import clip
 import coop
 import kgcoop
 import train
-from conftest import check_step_changes_only_prompts, folder_dataset, make_tiny_clip, resolve
+from conftest import check_step_changes_only_prompts, make_tiny_clip, resolve, tiny_world
 
 NAMES = ["cat", "sea_lion", "golden retriever", "red fox", "airplane"]
 
@@ -131,7 +131,8 @@ def test_no_term_outside_training(clip_model, batch):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(w=-1.0), "w (the weight"), (dict(template="a photo"), "must hold exactly one {}"),
-    (dict(ctx_init="", n_ctx=75), "context length is 77")])
+    (dict(ctx_init="", n_ctx=73), "context length is 77"),  # fits, but not with the names
+    (dict(ctx_init="", n_ctx=75), "do not fit the text encoder's 77 positions")])
 def test_bad_input_gives_clear_errors(clip_model, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("{}", r"\{\}")):
         kgcoop.KgCoOp(clip_model, NAMES, **kwargs)
@@ -152,13 +153,9 @@ def test_registered_with_the_official_settings():
     assert (toy["backbone"], toy["epochs"], toy["batch_size"], toy["w"]) == ("toy", 100, 128, 8.0)
 
 
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kgcoop")
-    torch.save(make_tiny_clip().state_dict(), tmp / "tiny.pt")
-    return dict(tmp=tmp, ckpt=str(tmp / "tiny.pt"),
-                data=folder_dataset(tmp / "pets", ["cat", "dog", "red fox", "sea_lion"]))
+    return tiny_world(tmp_path_factory.mktemp("kgcoop"))
 
 
 def test_resume_continues_the_interrupted_run(world, monkeypatch):

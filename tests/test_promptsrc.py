@@ -11,7 +11,7 @@ import clip
 import ivlp
 import promptsrc
 import train
-from conftest import check_step_changes_only_prompts, folder_dataset, make_tiny_clip, resolve
+from conftest import check_step_changes_only_prompts, make_tiny_clip, resolve, tiny_world
 
 NAMES = ["cat", "dog", "sea_lion", "red fox", "golden retriever"]
 SMALL = dict(n_ctx_text=4, n_ctx_vision=4, text_depth=2, vision_depth=2)  # the tiny CLIP's 2+2
@@ -188,13 +188,9 @@ def test_registered_with_the_official_configs():
     assert [toy[k] for k in keys] == [4, 4, 3, 3, 25, 10, 15, 1, 0.0025, 20, 4, 16]
 
 
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("promptsrc")
-    torch.save(make_tiny_clip().state_dict(), tmp / "tiny.pt")
-    return dict(tmp=tmp, ckpt=str(tmp / "tiny.pt"),
-                data=folder_dataset(tmp / "pets", ["cat", "dog", "red fox", "sea_lion"]))
+    return tiny_world(tmp_path_factory.mktemp("promptsrc"))
 
 
 def test_resume_and_gpa_through_train(world, monkeypatch):
