@@ -203,7 +203,7 @@ def is_run_folder(path):
 def prepare(cfg):
     """Make --out ready for this run: refuse a folder that is not a run's, a finished or
     interrupted run (without --overwrite or --resume), a --resume with nothing to resume or with
-    other settings; --overwrite empties the run folder, eval_* folders included."""
+    other settings; -> the open log file (log.txt, or log.txt.tmp until replace_run)."""
     out, ckpt = cfg["out"], os.path.join(cfg["out"], "checkpoint.pt")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; pass a folder (new, empty or a run's own)")
@@ -234,15 +234,30 @@ def prepare(cfg):
         raise UsageError(f"{out} holds {'a finished' if done else 'an interrupted'} run: pass "
                          f"{'' if done else '--resume to continue it, '}--overwrite to replace "
                          "it, or another --out")
-    elif cfg["overwrite"] and os.path.isdir(out):
-        for entry in os.scandir(out):  # a run folder (checked above): all of it goes
-            shutil.rmtree(entry.path) if entry.is_dir() else os.remove(entry.path)
+    # --overwrite: the old run stays until replace_run(), once the new run has passed every
+    # check that can be made before training; until then this run logs to log.txt.tmp
+    replacing = cfg["overwrite"] and not cfg["resume"] and os.path.isdir(out) and \
+        any(e.name != "log.txt.tmp" for e in os.scandir(out))
     try:
         os.makedirs(out, exist_ok=True)
-        return open(os.path.join(out, "log.txt"), "a" if cfg["resume"] else "w")
+        return open(os.path.join(out, "log.txt.tmp" if replacing else "log.txt"),
+                    "a" if cfg["resume"] else "w")
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write there ({e.strerror}); pass another --out") \
             from None
+
+
+def replace_run(cfg):
+    """--overwrite, after the new run's checks: the old run goes (its eval_* folders included)
+    and this run's log.txt.tmp becomes log.txt. A refused command never gets here, so it
+    leaves the old run as it was."""
+    out = cfg["out"]
+    if rank() != 0 or not os.path.isfile(os.path.join(out, "log.txt.tmp")):
+        return
+    for entry in os.scandir(out):  # a run folder (checked by prepare): all of it goes
+        if entry.name != "log.txt.tmp":
+            shutil.rmtree(entry.path) if entry.is_dir() else os.remove(entry.path)
+    os.replace(os.path.join(out, "log.txt.tmp"), os.path.join(out, "log.txt"))  # still open
 
 
 class Tee(list):

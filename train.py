@@ -259,6 +259,7 @@ def main(argv=None):
         # ---- model: one per half, built now, so that every class's prompt is checked
         clip_model, models = build_models(cfg, halves)
         model = next(iter(models.values()))  # the one that learns: the first half's
+        runs.replace_run(cfg)  # --overwrite: every check has passed, the old run goes now
         amp = torch.autocast(torch.device(cfg["device"]).type, dtype=torch.bfloat16,
                              enabled=cfg["precision"] == "amp")
 

@@ -189,3 +189,19 @@ def test_a_bug_keeps_its_traceback(capsys):
     with pytest.raises(SystemExit) as info:
         runs.run_cli(lambda: (_ for _ in ()).throw(UsageError("bad input")))
     assert info.value.code == 2 and capsys.readouterr().err == "error: bad input\n"
+
+
+def test_a_refused_overwrite_keeps_the_finished_run(world, tmp_path):
+    """--overwrite replaces a run only once the new command has passed its checks."""
+    out = tmp_path / "kept"
+    first = train.main(args(world["tmp"], world["pets"], out, "--epochs", "1"))
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    with pytest.raises(UsageError, match="n_ctx=8 is more than the 4 tokens"):
+        train.main(args(world["tmp"], world["pets"], out, "--overwrite", "--n-ctx", "8",
+                        "--ctx-init", "a photo of a"))
+    assert all((out / p).read_bytes() == data for p, data in before.items())
+    again = train.main(args(world["tmp"], world["pets"], out, "--overwrite", "--epochs", "1",
+                            "--seed", "2"))
+    assert again["seed"] == 2 and first["seed"] == 1
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "learned.pt", "log.txt", "results.json"]
+    assert (out / "log.txt").read_text().startswith("python train.py")
