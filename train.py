@@ -1,7 +1,7 @@
 """Train and evaluate zero-shot CLIP, CoOp, CoCoOp, MaPLe and its ablations, and the baselines the
 notes argue against (full fine-tuning, the linear probe). Examples (README.md has more):
 
-    python train.py                                    # CoOp on the toy world, CPU, ~20 s
+    python train.py                                    # CoOp on the toy world, CPU, ~45 s
     python train.py --method cocoop --dataset dtd --root ~/data    # base -> new, ViT-B/16
     torchrun --nproc_per_node=4 train.py --method coop --dataset imagenet --root ~/data
 
