@@ -27,6 +27,13 @@ def make_tiny_clip(seed=0, **overrides):
     return clip.CLIP(**{**config, **overrides}).eval()
 
 
+def labelled_batch(n_cls, seed=1):
+    """Three random 32x32 images and their labels among n_cls classes (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(3, 3, 32, 32, generator=gen)  # (B, 3, H, W)
+    return images, torch.randint(n_cls, (3,), generator=gen)  # labels (B,)
+
+
 @pytest.fixture
 def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -19,7 +19,7 @@ import cocoop
 import coop
 import maple
 import train
-from conftest import make_tiny_clip, resolve
+from conftest import labelled_batch, make_tiny_clip, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Prompts of different lengths (1 to 5 class-name tokens), so EOT positions differ per class.
@@ -34,9 +34,7 @@ def clip_model():
 
 @pytest.fixture(scope="module")
 def batch():
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(3, 3, 32, 32, generator=gen)  # (B, 3, H, W)
-    return images, torch.randint(len(NAMES), (3,), generator=gen)  # labels (B,)
+    return labelled_batch(len(NAMES))
 
 
 def assert_same_step(model, ref, batch):

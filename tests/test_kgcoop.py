@@ -10,7 +10,8 @@ import clip
 import coop
 import kgcoop
 import train
-from conftest import check_step_changes_only_prompts, make_tiny_clip, resolve, tiny_world
+from conftest import (check_step_changes_only_prompts, labelled_batch, make_tiny_clip, resolve,
+                      tiny_world)
 
 NAMES = ["cat", "sea_lion", "golden retriever", "red fox", "airplane"]
 
@@ -22,9 +23,7 @@ def clip_model():
 
 @pytest.fixture(scope="module")
 def batch():
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(3, 3, 32, 32, generator=gen)  # (B, 3, H, W)
-    return images, torch.randint(len(NAMES), (3,), generator=gen)  # labels (B,)
+    return labelled_batch(len(NAMES))
 
 
 def moved(model, seed=2):

@@ -11,7 +11,8 @@ import clip
 import ivlp
 import promptsrc
 import train
-from conftest import check_step_changes_only_prompts, make_tiny_clip, resolve, tiny_world
+from conftest import (check_step_changes_only_prompts, labelled_batch, make_tiny_clip, resolve,
+                      tiny_world)
 
 NAMES = ["cat", "dog", "sea_lion", "red fox", "golden retriever"]
 SMALL = dict(n_ctx_text=4, n_ctx_vision=4, text_depth=2, vision_depth=2)  # the tiny CLIP's 2+2
@@ -24,9 +25,7 @@ def clip_model():
 
 @pytest.fixture(scope="module")
 def batch():
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(3, 3, 32, 32, generator=gen)  # (B, 3, H, W)
-    return images, torch.randint(len(NAMES), (3,), generator=gen)  # labels (B,)
+    return labelled_batch(len(NAMES))
 
 
 def moved(model, seed=2):
